@@ -1,0 +1,20 @@
+"""Registry of the Triton kernels usable on this machine (imported only when a CUDA tensor asks)."""
+from __future__ import annotations
+
+import importlib
+import logging
+from types import ModuleType
+
+log = logging.getLogger(__name__)
+_cache: dict[str, ModuleType | None] = {}
+
+
+def get(name: str) -> ModuleType | None:
+    """kernels/<name>/triton.py as a module, or None (with one logged warning) if it cannot be used."""
+    if name not in _cache:
+        try:
+            _cache[name] = importlib.import_module(f"bbf_rt.kernels.{name}.triton")
+        except ImportError as e:  # no Triton, or no kernel written for this op yet
+            log.warning("Triton kernel for %s unavailable (%s); using the PyTorch reference", name, e)
+            _cache[name] = None
+    return _cache[name]

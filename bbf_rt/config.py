@@ -1,0 +1,147 @@
+"""Frozen dataclass configs and the named model presets.
+
+`ModelConfig` fully describes a BBF DiT (and, for the self-contained presets, its compact VAE); it is
+stored as JSON in every checkpoint's metadata and next to every artifact and benchmark row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from bbf_rt.errors import BBFInputError, CheckpointError
+
+#: Condition branches in the order each block applies them (the paper's "sequential injection").
+MODALITIES: tuple[str, ...] = ("text", "image", "audio", "context")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shapes of the BBF DiT and of the encoders whose outputs it consumes.
+
+    Token layout: latents (B, F, C, H, W) are cut into (1, ph, pw) patches, so one target frame of an
+    (H, W) latent is (H/ph)*(W/pw) tokens. The DiT input per frame is the noisy latent, the two
+    boundary latents and a one-channel valid-pixel mask concatenated on channels: 3*C + 1 channels.
+    """
+
+    name: str
+    dim: int
+    depth: int
+    heads: int
+    ffn_dim: int
+    latent_channels: int = 16
+    patch: tuple[int, int] = (2, 2)  # (ph, pw); the temporal patch is 1 so every frame has its own time
+    freq_dim: int = 256  # sinusoidal features for the flow time, the frame timestamp and RoPE
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_time_scale: float = 8.0  # RoPE temporal position = timestamp (in interval units) * this
+    text_dim: int = 384  # token width of the text encoder (MiniLM 384; umt5-xxl 4096)
+    audio_mels: int = 64
+    audio_tokens: int = 32  # log-mel frames per target frame window (window_s / hop_s)
+    # start-end difference normalisation (EDEN's statistics of per-pixel cosine similarity)
+    diff_mu: float = 0.990539
+    diff_sigma: float = 0.0608093
+    # compact frame-wise VAE of the self-contained presets; None = an external VAE (Wan2.1's 3D VAE)
+    vae_base_channels: int | None = 32
+    vae_channel_mult: tuple[int, ...] = (1, 2, 4)
+    vae_res_blocks: int = 1
+    modalities: tuple[str, ...] = MODALITIES
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise BBFInputError(f"ModelConfig.dim={self.dim} must be divisible by heads={self.heads}")
+        hd = self.head_dim
+        if hd % 2 or (hd // 6) * 2 % 2 or (hd - 4 * (hd // 6)) % 2 or hd < 12:
+            raise BBFInputError(f"ModelConfig head_dim={hd} cannot be split into 3 even RoPE axes")
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad:
+            raise BBFInputError(f"ModelConfig.modalities has unknown {bad}; allowed: {MODALITIES}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def in_channels(self) -> int:
+        return 3 * self.latent_channels + 1
+
+    @property
+    def vae_stride(self) -> int:
+        return 2 ** len(self.vae_channel_mult) if self.vae_base_channels else 8
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Frame sizes must be multiples of this (VAE stride x patch); the pipeline pads to it."""
+        return self.vae_stride * max(self.patch)
+
+    def rope_split(self) -> tuple[int, int, int]:
+        """Head-dim channels given to the (time, height, width) RoPE axes (Wan2.1's split)."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise CheckpointError(f"model config has unknown fields {unknown}; this bbf-rt knows {sorted(names)}")
+        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+        return cls(**kw)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"model config metadata is not valid JSON: {e}") from e
+        return cls.from_dict(d)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # 2 blocks, for tests only (random weights are fine there and only there)
+    "tiny": ModelConfig(
+        name="tiny", dim=64, depth=2, heads=2, ffn_dim=128, latent_channels=4, audio_mels=16,
+        audio_tokens=8, vae_base_channels=8, vae_channel_mult=(1, 2),
+    ),
+    # the embedded default: real-time at 720p, small enough for the repository (<= 40M parameters)
+    "bbf-s": ModelConfig(name="bbf-s", dim=384, depth=8, heads=6, ffn_dim=1536, latent_channels=16),
+    # Wan2.1 shapes (umt5-xxl text tokens; the Wan 3D VAE is external to the DiT)
+    "wan-1.3b": ModelConfig(
+        name="wan-1.3b", dim=1536, depth=30, heads=12, ffn_dim=8960, latent_channels=16, text_dim=4096,
+        vae_base_channels=None,
+    ),
+    "wan-14b": ModelConfig(
+        name="wan-14b", dim=5120, depth=40, heads=40, ffn_dim=13824, latent_channels=16, text_dim=4096,
+        vae_base_channels=None,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise BBFInputError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How one interpolation is sampled (see bbf_rt.runtime.sampler)."""
+
+    steps: int = 2
+    solver: str = "euler"
+    shift: float = 1.0
+    text_scale: float = 1.0  # classifier-free guidance scale per modality; 1.0 = no extra pass
+    audio_scale: float = 1.0
+    context_frames: int = 1  # neighbouring frames given as context on each side of an interval
+    seed: int = 0
+    batch: int = 4  # intervals per denoiser call
+    scene_cut_threshold: float = 0.4
+    dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+
+    def replace(self, **kw: Any) -> "RuntimeConfig":
+        return replace(self, **kw)

@@ -1,0 +1,90 @@
+"""The fused ops the model calls, and the choice of implementation.
+
+The model imports only this module. Each op has an eager reference (kernels/<op>/reference.py, used on
+CPU, for ONNX export and as the test oracle) and, where written, a Triton kernel registered as a torch
+op (kernels/<op>/triton.py). `implementation("reference")` forces the references, e.g. for export.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Iterator
+
+import torch
+
+from bbf_rt.errors import BBFInputError
+from bbf_rt.kernels.attention import reference as _attn_ref
+from bbf_rt.kernels.gated_residual import reference as _gr_ref
+from bbf_rt.kernels.norm_modulate import reference as _nm_ref
+from bbf_rt.kernels.rope import reference as _rope_ref
+
+log = logging.getLogger(__name__)
+
+_CHOICES = ("auto", "reference", "triton")
+_mode = "auto"
+
+
+@contextlib.contextmanager
+def implementation(mode: str) -> Iterator[None]:
+    """Within the block, ops use `mode`: auto (Triton on CUDA when available), reference, or triton."""
+    global _mode
+    if mode not in _CHOICES:
+        raise BBFInputError(f"ops implementation {mode!r} is not one of {_CHOICES}")
+    prev, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = prev
+
+
+def current_implementation() -> str:
+    return _mode
+
+
+def _triton_module(name: str, x: torch.Tensor):
+    """The Triton implementation of op `name` for tensor x, or None to use the reference."""
+    if _mode == "reference" or (_mode == "auto" and not x.is_cuda):
+        return None
+    from bbf_rt import _triton_ops  # deferred: the model must not import Triton on CPU
+
+    mod = _triton_ops.get(name)
+    if mod is None and _mode == "triton":
+        raise BBFInputError(f"ops implementation 'triton' requested but no Triton kernel for {name!r} is usable here")
+    return mod
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention. q: (B, Lq, H, D); k, v: (B, Lk, H, D); key_mask: (B, Lk) bool."""
+    mod = _triton_module("attention", q)
+    if mod is not None:
+        return mod.attention(q, k, v, key_mask)
+    return _attn_ref.attention(q, k, v, key_mask)
+
+
+def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float) -> torch.Tensor:
+    """QK RMSNorm over (B, L, H*D) then RoPE per head -> (B, L, H, D); cos/sin (B|1, L, D/2) fp32."""
+    mod = _triton_module("rope", x)
+    if mod is not None:
+        return mod.rms_norm_rope(x, weight, cos, sin, heads, eps)
+    return _rope_ref.rms_norm_rope(x, weight, cos, sin, heads, eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim (used on cross-attention keys, which carry no RoPE)."""
+    return _rope_ref.rms_norm(x, weight, eps)
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rms: bool = False) -> torch.Tensor:
+    """norm(x) * (1 + scale) + shift; x (B, L, C), shift/scale (B, F, C) per frame (F divides L)."""
+    mod = _triton_module("norm_modulate", x)
+    if mod is not None:
+        return mod.norm_modulate(x, shift, scale, eps, rms)
+    return _nm_ref.norm_modulate(x, shift, scale, eps, rms)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y; x, y (B, L, C), gate (B, F, C) per frame (F divides L)."""
+    mod = _triton_module("gated_residual", x)
+    if mod is not None:
+        return mod.gated_residual(x, y, gate)
+    return _gr_ref.gated_residual(x, y, gate)

@@ -1,0 +1,204 @@
+"""The interpolation engine: frames in, in-between frames out, for a batch of intervals at once.
+
+Shared by the Python API (`bbf_rt.interpolate`) and the video job. It pads frames to the model's
+size multiple, encodes them with the VAE, builds the DiT's condition tensors, runs the sampler with
+all classifier-free-guidance passes in one batched denoiser call, decodes and crops back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bbf_rt.config import RuntimeConfig
+from bbf_rt.errors import BBFInputError
+from bbf_rt.model import BBFModel
+from bbf_rt.model.embed import boundary_similarity, normalised_difference
+from bbf_rt.runtime import sampler
+
+#: modalities that classifier-free guidance can act on, in cascade order
+GUIDED = ("text", "audio")
+
+
+@dataclass
+class IntervalJob:
+    """One interval to fill: boundary latents, target timestamps and its conditions.
+
+    lat0, lat1: (C, h, w) boundary latents; diff: () normalised start-end difference; taus: timestamps
+    in (0, 1); audio: (F, La, n_mels) log-mel windows or None; context: list of ((C, h, w) latent, tau)
+    or None; key: seeds this interval's noise, so its output does not depend on how jobs are batched.
+    """
+
+    key: int
+    lat0: torch.Tensor
+    lat1: torch.Tensor
+    diff: torch.Tensor
+    taus: Sequence[float]
+    audio: torch.Tensor | None = None
+    context: list[tuple[torch.Tensor | None, float]] | None = None
+
+
+@dataclass
+class Conditions:
+    """Condition tensors shared by a batch (text and reference are per video, not per interval)."""
+
+    text: torch.Tensor | None = None  # (1, Lt, text_dim)
+    text_mask: torch.Tensor | None = None  # (1, Lt) bool
+    image: torch.Tensor | None = None  # (1, Ni, C, h, w) reference latents
+
+
+class Engine:
+    """Holds a model on a device and turns IntervalJobs into frames."""
+
+    def __init__(self, model: BBFModel, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype) -> None:
+        if model.vae is None:
+            raise BBFInputError(f"model {model.cfg.name!r} has no VAE; the pipeline needs one to turn frames into latents")
+        if runtime.steps < 1:
+            raise BBFInputError(f"steps={runtime.steps} must be >= 1")
+        self.model, self.rt, self.device, self.dtype = model, runtime, device, dtype
+        self.cfg = model.cfg
+        self.sigmas = sampler.make_sigmas(runtime.steps, shift=runtime.shift)
+        scales = {"text": runtime.text_scale, "audio": runtime.audio_scale}
+        self.guided, self.scales = sampler.fold_unit_scales(list(GUIDED), [scales[m] for m in GUIDED])
+
+    # ---- frames <-> latents -------------------------------------------------------------------
+    def padded_size(self, height: int, width: int) -> tuple[int, int]:
+        m = self.cfg.pixel_multiple
+        return -(-height // m) * m, -(-width // m) * m
+
+    def to_pixels(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, H, W, 3) uint8 -> (N, 3, H, W) float in [0, 1] on the device."""
+        t = torch.as_tensor(frames).to(self.device)
+        if t.dtype != torch.uint8 or t.ndim != 4 or t.shape[-1] != 3:
+            raise BBFInputError(f"frames must be uint8 (N, H, W, 3) RGB; got {tuple(t.shape)} {t.dtype}")
+        return t.permute(0, 3, 1, 2).float() / 255.0
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) in [0, 1] -> (N, C, h, w) latents of the frames padded by edge replication."""
+        H, W = pixels.shape[-2:]
+        Hp, Wp = self.padded_size(H, W)
+        x = F.pad(pixels * 2 - 1, (0, Wp - W, 0, Hp - H), mode="replicate") if (Hp, Wp) != (H, W) else pixels * 2 - 1
+        return self.model.vae.encode_frames(x.to(self.dtype))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """(N, C, h, w) -> (N, height, width, 3) uint8, cropped back from the padded size."""
+        x = self.model.vae.decode_frames(latents.to(self.dtype)).float()
+        x = ((x[..., :height, :width].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()
+
+    def difference(self, pix0: torch.Tensor, pix1: torch.Tensor) -> torch.Tensor:
+        """Normalised start-end difference d for (N, 3, H, W) pixel pairs in [0, 1] -> (N,)."""
+        return normalised_difference(boundary_similarity(pix0, pix1), self.cfg.diff_mu, self.cfg.diff_sigma)
+
+    def valid_mask(self, height: int, width: int) -> torch.Tensor:
+        """(1, 1, h, w): 1 on latent pixels that cover real image, 0 on padding."""
+        s = self.cfg.vae_stride
+        Hp, Wp = self.padded_size(height, width)
+        m = torch.zeros(1, 1, Hp // s, Wp // s, device=self.device)
+        m[..., : -(-height // s), : -(-width // s)] = 1
+        return m
+
+    # ---- denoising ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, jobs: Sequence[IntervalJob], cond: Conditions, height: int, width: int) -> list[torch.Tensor]:
+        """Denoise a batch of jobs with the same number of timestamps. Returns (F, C, h, w) per job."""
+        n_t = {len(j.taus) for j in jobs}
+        if len(n_t) != 1:
+            raise BBFInputError(f"a batch needs the same number of timestamps per interval; got {sorted(n_t)}")
+        B, Fr = len(jobs), n_t.pop()
+        C, h, w = jobs[0].lat0.shape
+        dev, dt = self.device, self.dtype
+        noise = torch.stack(
+            [torch.randn(Fr, C, h, w, generator=torch.Generator().manual_seed(self.rt.seed * 1_000_003 + j.key)) for j in jobs]
+        ).to(dev, dt)
+        kw = self._inputs(jobs, cond, height, width)
+        # guidance only for modalities this batch has; an absent one would add an identical pass
+        guided = [(m, s) for m, s in zip(self.guided, self.scales) if f"{m}_mask" in kw]
+        K = len(guided) + 1 if guided else 1
+        if K > 1:
+            kw = self._tile_for_cfg(kw, B, [m for m, _ in guided])
+
+        def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            return self.model.dit(x, sigma.to(dev, dt), **kw)
+
+        weights = sampler.cfg_weights([s for _, s in guided]) if K > 1 else None
+        out = sampler.sample(denoise, noise, self.sigmas, solver=self.rt.solver, cfg_weights=weights)
+        return list(out.unbind(0))
+
+    def _inputs(self, jobs: Sequence[IntervalJob], cond: Conditions, height: int, width: int) -> dict:
+        B, Fr = len(jobs), len(jobs[0].taus)
+        dev, dt = self.device, self.dtype
+        kw: dict = {
+            "tau": torch.tensor([[float(t) for t in j.taus] for j in jobs], device=dev, dtype=torch.float32),
+            "z0": torch.stack([j.lat0 for j in jobs]).to(dt),
+            "z1": torch.stack([j.lat1 for j in jobs]).to(dt),
+            "valid": self.valid_mask(height, width).expand(B, -1, -1, -1).to(dt),
+            "diff": torch.stack([j.diff for j in jobs]).to(dev, torch.float32),
+        }
+        if cond.text is not None:
+            kw["text"] = cond.text.expand(B, -1, -1).to(dev, dt)
+            kw["text_mask"] = cond.text_mask.expand(B, -1).to(dev)
+        if cond.image is not None:
+            kw["image"] = cond.image.expand(B, -1, -1, -1, -1).to(dev, dt)
+            kw["image_mask"] = torch.ones(B, cond.image.shape[1], dtype=torch.bool, device=dev)
+        if any(j.audio is not None for j in jobs):
+            ref = next(j.audio for j in jobs if j.audio is not None)
+            kw["audio"] = torch.stack([j.audio if j.audio is not None else torch.zeros_like(ref) for j in jobs]).to(dev, dt)
+            kw["audio_mask"] = torch.tensor([[j.audio is not None] * Fr for j in jobs], device=dev)
+        if any(j.context for j in jobs):
+            n_ctx = max(len(j.context or ()) for j in jobs)
+            zeros = torch.zeros_like(jobs[0].lat0)
+            lats, taus, mask = [], [], []
+            for j in jobs:
+                ctx = list(j.context or ()) + [(None, 0.0)] * (n_ctx - len(j.context or ()))
+                lats.append(torch.stack([c if c is not None else zeros for c, _ in ctx]))
+                taus.append([float(t) for _, t in ctx])
+                mask.append([c is not None for c, _ in ctx])
+            kw["context"] = torch.stack(lats).to(dt)
+            kw["context_tau"] = torch.tensor(taus, device=dev, dtype=torch.float32)
+            kw["context_mask"] = torch.tensor(mask, device=dev)
+        return kw
+
+    @staticmethod
+    def _tile_for_cfg(kw: dict, B: int, guided: list[str]) -> dict:
+        """Repeat every input K = len(guided)+1 times (pass-major); pass k keeps guided modalities
+        1..k and drops the others (all-False masks), as `sampler.cfg_weights` expects."""
+        K = len(guided) + 1
+        out = {k: torch.cat([v] * K) for k, v in kw.items()}
+        for idx, name in enumerate(guided):
+            key = f"{name}_mask"
+            if key in out:
+                m = out[key].clone()
+                for k in range(K):
+                    if k < idx + 1:  # pass k has modalities 1..k on; modality idx+1 is off below pass idx+1
+                        m[k * B : (k + 1) * B] = False
+                out[key] = m
+        return out
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise BBFInputError(f"--device {device!r} is not a torch device ({e}); use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BBFInputError(f"--device {device!r} asked for CUDA but no CUDA GPU is available; use --device cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise BBFInputError(f"dtype {name!r} is not one of auto, {', '.join(table)}")
+    return table[name]
+
+
