@@ -10,7 +10,7 @@ from bbf_rt.config import RuntimeConfig, get_preset
 from bbf_rt.errors import BBFInputError, CheckpointError
 from bbf_rt.model import BBFModel, load_model, save_checkpoint
 from bbf_rt.runtime import sampler
-from bbf_rt.runtime.engine import Conditions, Engine, IntervalJob
+from bbf_rt.runtime.engine import Conditions, Engine, DenoiseJob
 
 
 def _model(seed=0, gates=True):
@@ -39,7 +39,7 @@ def test_batched_cfg_equals_separate_calls():
     lat = eng.encode(pix)
     C, h, w = lat.shape[1:]
     audio = torch.randn(2, m.cfg.audio_tokens, m.cfg.audio_mels)
-    job = IntervalJob(key=7, lat0=lat[0], lat1=lat[1], diff=eng.difference(pix[:1], pix[1:])[0], taus=[0.25, 0.75], audio=audio)
+    job = DenoiseJob(key=7, lat0=lat[0], lat1=lat[1], diff=eng.difference(pix[:1], pix[1:])[0], taus=[0.25, 0.75], audio=audio)
     text = torch.randn(1, 4, m.cfg.text_dim)
     cond = Conditions(text=text, text_mask=torch.ones(1, 4, dtype=torch.bool))
 
@@ -71,7 +71,7 @@ def test_output_does_not_depend_on_batching():
     fr = _frames(3)
     pix = eng.to_pixels(fr)
     lat = eng.encode(pix)
-    jobs = [IntervalJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=eng.difference(pix[i : i + 1], pix[i + 1 : i + 2])[0], taus=[0.5]) for i in range(2)]
+    jobs = [DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=eng.difference(pix[i : i + 1], pix[i + 1 : i + 2])[0], taus=[0.5]) for i in range(2)]
     both = eng.run(jobs, Conditions(), 24, 40)
     alone = [eng.run([j], Conditions(), 24, 40)[0] for j in jobs]
     for a, b in zip(both, alone):

@@ -13,7 +13,7 @@ import torch
 from bbf_rt.config import RuntimeConfig
 from bbf_rt.errors import BBFInputError
 from bbf_rt.model import BBFModel, load_model
-from bbf_rt.runtime.engine import Conditions, Engine, IntervalJob, resolve_device, resolve_dtype
+from bbf_rt.runtime.engine import Conditions, Engine, DenoiseJob, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def interpolate(
     if reference is not None:
         ref = check_frame("reference", reference)
         cond.image = eng.encode(eng.to_pixels(ref[None]))[None]  # (1, 1, C, h', w')
-    job = IntervalJob(key=0, lat0=lat[0], lat1=lat[1], diff=eng.difference(pix[:1], pix[1:])[0], taus=taus)
+    job = DenoiseJob(key=0, lat0=lat[0], lat1=lat[1], diff=eng.difference(pix[:1], pix[1:])[0], taus=taus)
     if audio is not None:
         samples = np.asarray(audio, dtype=np.float32)
         if samples.ndim != 1 or samples.size < 2 or not np.isfinite(samples).all():

@@ -24,7 +24,7 @@ GUIDED = ("text", "audio")
 
 
 @dataclass
-class IntervalJob:
+class DenoiseJob:
     """One interval to fill: boundary latents, target timestamps and its conditions.
 
     lat0, lat1: (C, h, w) boundary latents; diff: () normalised start-end difference; taus: timestamps
@@ -105,7 +105,7 @@ class Engine:
 
     # ---- denoising ----------------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, jobs: Sequence[IntervalJob], cond: Conditions, height: int, width: int) -> list[torch.Tensor]:
+    def run(self, jobs: Sequence[DenoiseJob], cond: Conditions, height: int, width: int) -> list[torch.Tensor]:
         """Denoise a batch of jobs with the same number of timestamps. Returns (F, C, h, w) per job."""
         n_t = {len(j.taus) for j in jobs}
         if len(n_t) != 1:
@@ -130,7 +130,7 @@ class Engine:
         out = sampler.sample(denoise, noise, self.sigmas, solver=self.rt.solver, cfg_weights=weights)
         return list(out.unbind(0))
 
-    def _inputs(self, jobs: Sequence[IntervalJob], cond: Conditions, height: int, width: int) -> dict:
+    def _inputs(self, jobs: Sequence[DenoiseJob], cond: Conditions, height: int, width: int) -> dict:
         B, Fr = len(jobs), len(jobs[0].taus)
         dev, dt = self.device, self.dtype
         kw: dict = {
