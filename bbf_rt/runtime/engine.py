@@ -124,7 +124,7 @@ class Engine:
             kw = self._tile_for_cfg(kw, B, [m for m, _ in guided])
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return self.model.dit(x, sigma.to(dev, dt), **kw)
+            return self.model.dit(x, sigma.to(dev, torch.float32), **kw)  # fp32: sigma feeds sinusoidal features
 
         weights = sampler.cfg_weights([s for _, s in guided]) if K > 1 else None
         out = sampler.sample(denoise, noise, self.sigmas, solver=self.rt.solver, cfg_weights=weights)

@@ -1,0 +1,1 @@
+"""Runtime: output-timestamp planning, sampler, pipeline and caching."""
