@@ -1,6 +1,7 @@
 """`bbf-rt interpolate` end to end on clips made here with PyAV (tiny preset, random weights)."""
 from __future__ import annotations
 
+import json
 import os
 from fractions import Fraction
 
@@ -178,3 +179,24 @@ def test_odd_frame_size_is_padded_and_cropped_back(tmp_path, ckpt):
     assert _run(src, "-o", out, "--factor", 3, "--model", ckpt, "--context", 0) == 0
     info = probe(out)
     assert (info.width, info.height, info.n_frames) == (45, 31, 12)
+
+
+def test_prompt_reference_and_external_audio_guidance(tmp_path, ckpt, capsys):
+    src, out = tmp_path / "clip.mp4", tmp_path / "out.mp4"
+    frames, _ = make_clip(src, n_frames=4, size=(48, 32), audio=False)
+    ref = tmp_path / "ref.png"
+    with av.open(str(ref), "w") as c:  # a PNG written by PyAV's image encoder
+        s = c.add_stream("png")
+        s.width, s.height, s.pix_fmt = 48, 32, "rgb24"
+        for p in s.encode(av.VideoFrame.from_ndarray(frames[1], format="rgb24")):
+            c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+    make_clip(tmp_path / "sound.mkv", n_frames=4, size=(48, 32), audio=True)
+    args = ["interpolate", str(src), "-o", str(out), "--factor", "2", "--model", ckpt, "--allow-untrained",
+            "--no-progress", "--json", "--prompt", "the square moves right", "--reference", str(ref),
+            "--audio", str(tmp_path / "sound.mkv"), "--text-scale", "2"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["text_guidance"] and report["audio_guidance"] and report["interpolated"] == 4
+    assert probe(out).n_frames == 8 and not probe(out).has_audio  # guidance audio is not muxed in
