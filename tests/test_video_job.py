@@ -198,5 +198,5 @@ def test_prompt_reference_and_external_audio_guidance(tmp_path, ckpt, capsys):
             "--audio", str(tmp_path / "sound.mkv"), "--text-scale", "2"]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["text_guidance"] and report["audio_guidance"] and report["interpolated"] == 4
+    assert report["text_guidance"] and report["audio_guidance"] and report["interpolated"] == 3
     assert probe(out).n_frames == 8 and not probe(out).has_audio  # guidance audio is not muxed in
