@@ -24,7 +24,7 @@ from bbf_rt.io.image import read_image
 from bbf_rt.io.video import VideoWriter, iter_frames, probe, read_audio
 from bbf_rt.runtime.api import encode_text, get_model, make_audio_encoder
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine, resolve_device, resolve_dtype
-from bbf_rt.runtime.plan import apply_scene_cuts, batch_intervals, intervals, make_plan
+from bbf_rt.runtime.plan import apply_scene_cuts, batch_intervals, intervals, make_plan, output_fps
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def interpolate_video(
     _check_runtime(rt)
     _check_paths(in_path, out_path)
     info = probe(in_path)
-    plan = make_plan([Fraction(0)], info.fps, factor=factor, fps=fps)  # validates factor/fps before any work
+    output_fps(info.fps, factor=factor, fps=fps)  # validates --factor/--fps before any work
     dev = resolve_device(device)
     dt = resolve_dtype(rt.dtype, dev)
     m = get_model(model, dev, dt)
@@ -148,7 +148,6 @@ def interpolate_video(
     n_in = len(pts)
     lat: dict[int, torch.Tensor] = {}
     pix: dict[int, torch.Tensor] = {}
-    frames: dict[int, np.ndarray] = {}
     ready: dict[int, np.ndarray] = {}
     state = {"next": 0}
 
@@ -192,7 +191,6 @@ def interpolate_video(
             if n >= n_in:
                 break
             decoded = n + 1
-            frames[n] = frame
             for o in copies.get(n, ()):
                 ready[o] = frame
             p = eng.to_pixels(frame[None])
@@ -203,7 +201,7 @@ def interpolate_video(
             emit()
             low = (batches[bi][0].i - k) if bi < len(batches) else n
             for d in [j for j in lat if j < low]:
-                del lat[d], pix[d], frames[d]
+                del lat[d], pix[d]
         if decoded != n_in:
             raise BBFInputError(f"{in_path!r} decoded {decoded} frames on the second pass but {n_in} on the first")
         while bi < len(batches):
