@@ -3,7 +3,7 @@
     python bench/bench_model.py --out bench/results/model-h100.jsonl [--presets bbf-s,wan-1.3b]
 
 One JSONL row per measurement (STYLE.md): p20/p50/p80 ms over repeated runs after warm-up, FLOPs
-counted by torch's FlopCounterMode on the same call, TFLOP/s and % of a bf16 matmul ceiling measured
+counted analytically (bbf_rt.model.flops), TFLOP/s and % of a bf16 matmul ceiling measured
 in the same run, peak memory. Random weights: these rows measure speed, not quality.
 """
 from __future__ import annotations
@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from bbf_rt.config import RuntimeConfig, get_preset
 from bbf_rt.model import BBFModel
 from bbf_rt.model.dit import build_dit
+from bbf_rt.model.flops import dit_flops
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
 
 
@@ -73,10 +73,9 @@ def dit_step(preset: str, frames: int, h: int, w: int, text_len: int, ceiling: f
         diff=torch.zeros(1, device="cuda"), text=r(1, text_len, cfg.text_dim),
         text_mask=torch.ones(1, text_len, dtype=torch.bool, device="cuda"),
     )
+    # analytic count (bbf_rt.model.flops): FlopCounterMode misses SDPA backends, the largest term here
+    flops = dit_flops(cfg, frames, (h // 2) * (w // 2), {"text": text_len})
     with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
-            model(**kw)
-        flops = fc.get_total_flops()
         torch.cuda.reset_peak_memory_stats()
         ts = _times(lambda: model(**kw), 2, 5)
     tokens = frames * (h // 2) * (w // 2)

@@ -205,3 +205,21 @@ def test_difference_embedding_feeds_the_modulation():
     with torch.no_grad():
         model.diff_embed.weight.zero_()
     assert torch.equal(model(**dict(base, diff=torch.tensor([0.0]))), model(**dict(base, diff=torch.tensor([-5.0]))))
+
+
+def test_analytic_flops_match_counted_linear_flops():
+    """dit_flops = counted matmul FLOPs (torch's FlopCounterMode) + attention's 4*L*Lk*d per layer."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bbf_rt.model.flops import dit_flops
+
+    cfg = get_preset("tiny")
+    model = build_dit(cfg).eval()
+    base, _ = _inputs(cfg, B=1, Fr=3, H=16, W=24)
+    text = dict(text=torch.randn(1, 7, cfg.text_dim), text_mask=torch.ones(1, 7, dtype=torch.bool))
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(**base, **text)
+    L, d = 3 * 8 * 12, cfg.dim
+    attention = cfg.depth * (4 * L * L * d + 4 * L * 7 * d)
+    counted = fc.get_total_flops() + attention  # the timestep/timestamp MLPs (<1% here) are left out
+    assert abs(dit_flops(cfg, 3, 96, {"text": 7}) - counted) / counted < 0.01
