@@ -200,3 +200,8 @@ def test_prompt_reference_and_external_audio_guidance(tmp_path, ckpt, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["text_guidance"] and report["audio_guidance"] and report["interpolated"] == 3
     assert probe(out).n_frames == 8 and not probe(out).has_audio  # guidance audio is not muxed in
+
+
+def test_unknown_solver_fails_before_any_work(clips, ckpt, tmp_path, capsys):
+    assert _run(clips / "ok.mp4", "-o", tmp_path / "o.mp4", "--factor", 2, "--model", ckpt, "--solver", "rk4") == 2
+    assert "solver='rk4' is not one of" in capsys.readouterr().err

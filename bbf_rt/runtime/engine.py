@@ -58,6 +58,8 @@ class Engine:
             raise BBFInputError(f"model {model.cfg.name!r} has no VAE; the pipeline needs one to turn frames into latents")
         if runtime.steps < 1:
             raise BBFInputError(f"steps={runtime.steps} must be >= 1")
+        if runtime.solver not in sampler.SOLVERS:
+            raise BBFInputError(f"solver={runtime.solver!r} is not one of {sorted(sampler.SOLVERS)}")
         self.model, self.rt, self.device, self.dtype = model, runtime, device, dtype
         self.cfg = model.cfg
         self.sigmas = sampler.make_sigmas(runtime.steps, shift=runtime.shift)
