@@ -18,3 +18,9 @@ def get(name: str) -> ModuleType | None:
             log.warning("Triton kernel for %s unavailable (%s); using the PyTorch reference", name, e)
             _cache[name] = None
     return _cache[name]
+
+
+# Import every kernel now, on this module's first import (outside any compiled region): torch.compile
+# cannot trace importlib, so a first lookup from inside torch.compile(fullgraph=True) would break the graph.
+for _name in ("attention", "rope", "norm_modulate", "gated_residual"):
+    get(_name)

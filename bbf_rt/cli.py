@@ -5,11 +5,13 @@ import argparse
 import json
 import logging
 import math
+import os
 import sys
 from fractions import Fraction
 from typing import Sequence
 
-from bbf_rt.errors import BBFError
+from bbf_rt.config import BACKENDS, EXPORT_TARGETS, PRECISIONS, SHAPE_DIMS
+from bbf_rt.errors import BBFError, BBFInputError
 
 log = logging.getLogger("bbf_rt")
 
@@ -57,10 +59,26 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     ip.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
     ip.add_argument("--seed", type=int, default=0)
+    ip.add_argument("--backend", default="eager", choices=BACKENDS,
+                    help="denoiser implementation; aoti/onnx/tensorrt build or reuse cached artifacts (default eager)")
     ip.add_argument("--scene-threshold", type=_float_arg, default=0.4, help="scene-cut score above which an interval is not interpolated")
     ip.add_argument("--allow-untrained", action="store_true", help="accept a model with random weights (plumbing tests only)")
     ip.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ip.add_argument("--json", action="store_true", help="print a JSON report on stdout")
+    ip.add_argument("--sp", type=int, default=1, help="sequence-parallel processes per clip (under torchrun; must divide the heads)")
+    ip.add_argument("--cfg-parallel", action="store_true", help="split guidance passes and intervals over the remaining torchrun processes")
+
+    ex = sub.add_parser("export", help="export the denoiser as an ONNX graph, TensorRT engine or AOTInductor package")
+    ex.add_argument("--model", required=True, help="checkpoint (.safetensors) or preset name (random weights)")
+    ex.add_argument("--target", required=True, choices=EXPORT_TARGETS)
+    ex.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    ex.add_argument("--shapes", default="", help="shape profile, DIM=MIN:OPT:MAX or DIM=N items, comma-separated "
+                    f"(dims: {', '.join(SHAPE_DIMS)}; pixel sizes; unlisted dims keep their defaults)")
+    ex.add_argument("--modalities", default="", help="condition set, e.g. text,audio (default: none)")
+    ex.add_argument("--vae", action="store_true", help="also export the VAE encoder and decoder (onnx target)")
+    ex.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    ex.add_argument("--out", default=None, help="artifact folder (default: $BBF_RT_CACHE or ~/.cache/bbf-rt)")
+    ex.add_argument("--json", action="store_true", help="print the artifacts and manifests as JSON")
 
     inf = sub.add_parser("info", help="model presets, parameter counts, checkpoint metadata")
     inf.add_argument("--model", default=None, help="checkpoint or preset to describe (default: all presets)")
@@ -81,10 +99,19 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
         steps=a.steps, solver=a.solver, shift=a.shift, text_scale=a.text_scale, audio_scale=a.audio_scale,
         context_frames=a.context, seed=a.seed, batch=a.batch, scene_cut_threshold=a.scene_threshold, dtype=a.dtype,
     )
-    report = interpolate_video(
-        a.input, a.output, factor=a.factor, fps=a.fps, prompt=a.prompt, audio=a.audio, reference=a.reference,
+    job = dict(
+        factor=a.factor, fps=a.fps, prompt=a.prompt, audio=a.audio, reference=a.reference,
         model=a.model, runtime=rt, device=a.device, allow_untrained=a.allow_untrained, progress=not a.no_progress,
+        backend=a.backend,
     )
+    if a.sp != 1 or a.cfg_parallel or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from bbf_rt.runtime.distributed import interpolate_video_parallel
+
+        report = interpolate_video_parallel(a.input, a.output, sp=a.sp, cfg_parallel=a.cfg_parallel, **job)
+        if report is None:  # not rank 0: rank 0 wrote the output and reports
+            return 0
+    else:
+        report = interpolate_video(a.input, a.output, **job)
     if a.json:
         print(json.dumps(report, sort_keys=True, default=str))
     else:
@@ -92,6 +119,39 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
             f"wrote {report['output']}: {report['frames_out']} frames at {report['fps_out']} fps "
             f"({report['interpolated']} interpolated, {report['scene_cuts']} scene cuts) in {report['seconds']:.1f} s"
         )
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from bbf_rt.config import ExportConfig, parse_shapes
+    from bbf_rt.export import export_denoiser, export_vae
+    from bbf_rt.export.signature import DTYPES
+    from bbf_rt.model import load_model
+    from bbf_rt.runtime.engine import resolve_device
+
+    mods = tuple(m.strip() for m in a.modalities.split(",") if m.strip() and m.strip() != "none")
+    ecfg = ExportConfig(target=a.target, precision=a.precision, modalities=mods, shapes=parse_shapes(a.shapes))
+    if a.target == "tensorrt":
+        from bbf_rt.export.tensorrt_build import import_tensorrt
+
+        import_tensorrt()  # says so before loading any weights
+    if a.vae and a.target != "onnx":
+        raise BBFInputError(f"--vae exports ONNX graphs; use it with --target onnx, not {a.target!r}")
+    dev = resolve_device(a.device)
+    model = load_model(a.model, device=dev, dtype=DTYPES[a.precision])
+    if not model.trained:
+        log.warning("model %r has untrained (random) weights: the artifact is for plumbing tests only", a.model)
+    arts = [export_denoiser(model, ecfg, cache=a.out, device=dev)]
+    if a.vae:
+        arts += [export_vae(model, part, ecfg, cache=a.out, device=dev) for part in ("vae_encoder", "vae_decoder")]
+    rows = [{"path": str(x.path), "manifest_path": str(x.manifest_path), "reused": x.reused, "manifest": x.manifest} for x in arts]
+    if a.json:
+        print(json.dumps(rows, indent=1, sort_keys=True))
+    else:
+        for x in arts:
+            print(f"{'reused' if x.reused else 'built'} {x.path}")
+            print(f"manifest {x.manifest_path}")
+            print(json.dumps(x.manifest, indent=1, sort_keys=True))
     return 0
 
 
@@ -142,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bbf-rt` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="bbf-rt: %(levelname)s: %(message)s")
-    handlers = {"interpolate": _cmd_interpolate, "info": _cmd_info, "init-checkpoint": _cmd_init_checkpoint}
+    handlers = {"interpolate": _cmd_interpolate, "export": _cmd_export, "info": _cmd_info, "init-checkpoint": _cmd_init_checkpoint}
     try:
         return handlers[args.command](args)
     except BBFError as e:

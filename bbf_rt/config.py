@@ -145,3 +145,114 @@ class RuntimeConfig:
 
     def replace(self, **kw: Any) -> "RuntimeConfig":
         return replace(self, **kw)
+
+
+#: denoiser implementations (`bbf-rt interpolate --backend`; bbf_rt.runtime.backends)
+BACKENDS: tuple[str, ...] = ("eager", "compile", "aoti", "onnx", "tensorrt")
+#: export targets and artifact precisions (`bbf-rt export --target/--precision`)
+EXPORT_TARGETS: tuple[str, ...] = ("onnx", "tensorrt", "aoti")
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
+
+#: Shape profile dims of an exported denoiser: name -> (min, opt, max). Pixel sizes are of the padded
+#: frames (multiples of `ModelConfig.pixel_multiple`); batch counts denoiser rows (intervals x CFG passes);
+#: text/image/context count tokens, reference images and context frames. Audio windows have the fixed
+#: length `ModelConfig.audio_tokens`, so they have no entry.
+SHAPE_DIMS: tuple[str, ...] = (
+    "batch", "frames", "height", "width", "text", "image", "image_height", "image_width", "context",
+)
+DEFAULT_SHAPES: tuple[tuple[str, int, int, int], ...] = (
+    ("batch", 1, 4, 64),
+    ("frames", 1, 1, 32),
+    ("height", 16, 256, 1088),
+    ("width", 16, 256, 1920),
+    ("text", 1, 32, 512),
+    ("image", 1, 1, 4),
+    ("image_height", 16, 256, 1088),
+    ("image_width", 16, 256, 1920),
+    ("context", 1, 2, 8),
+)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What an exported denoiser artifact is built for; every field is part of its cache key.
+
+    `modalities` is the condition set: the branches the artifact runs (absent ones are skipped, not
+    zero-fed, so each set is its own graph). `shapes` holds (dim, min, opt, max) for every SHAPE_DIMS
+    entry (see DEFAULT_SHAPES); TensorRT builds its optimization profile from it, torch.export and the
+    ONNX exporter their dynamic-dim bounds.
+    """
+
+    target: str = "onnx"
+    precision: str = "fp32"
+    modalities: tuple[str, ...] = ()
+    shapes: tuple[tuple[str, int, int, int], ...] = DEFAULT_SHAPES
+    opset: int = 18
+    trt_workspace_gib: float = 8.0
+    trt_strongly_typed: bool = True  # precision from the graph's types; False = fp32 graph + fp16/bf16 builder flags
+
+    def __post_init__(self) -> None:
+        if self.target not in EXPORT_TARGETS:
+            raise BBFInputError(f"export target {self.target!r} is not one of {EXPORT_TARGETS}")
+        if self.precision not in PRECISIONS:
+            raise BBFInputError(f"export precision {self.precision!r} is not one of {PRECISIONS}")
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad:
+            raise BBFInputError(f"export modalities {list(self.modalities)} have unknown {bad}; allowed: {MODALITIES}")
+        # canonical order and no duplicates, so equal condition sets give equal configs (and cache keys)
+        object.__setattr__(self, "modalities", tuple(m for m in MODALITIES if m in self.modalities))
+        given = {}
+        for entry in self.shapes:
+            if len(entry) != 4:
+                raise BBFInputError(f"export shape entry {entry!r} must be (dim, min, opt, max)")
+            name, lo, opt, hi = entry
+            if name not in SHAPE_DIMS:
+                raise BBFInputError(f"export shape dim {name!r} is not one of {SHAPE_DIMS}")
+            if not (isinstance(lo, int) and isinstance(opt, int) and isinstance(hi, int) and 1 <= lo <= opt <= hi):
+                raise BBFInputError(f"export shape {name}={lo}:{opt}:{hi} must be integers with 1 <= min <= opt <= max")
+            given[name] = (lo, opt, hi)
+        full = dict((n, (a, b, c)) for n, a, b, c in DEFAULT_SHAPES)
+        full.update(given)
+        object.__setattr__(self, "shapes", tuple((n, *full[n]) for n in SHAPE_DIMS))
+        if self.opset < 17:
+            raise BBFInputError(f"export opset {self.opset} is too old; scaled_dot_product_attention needs >= 17")
+        if self.trt_workspace_gib <= 0:
+            raise BBFInputError(f"trt_workspace_gib={self.trt_workspace_gib} must be > 0")
+
+    def dim(self, name: str) -> tuple[int, int, int]:
+        """(min, opt, max) of one shape dim."""
+        for n, lo, opt, hi in self.shapes:
+            if n == name:
+                return lo, opt, hi
+        raise BBFInputError(f"export shape dim {name!r} is not one of {SHAPE_DIMS}")
+
+    def replace(self, **kw: Any) -> "ExportConfig":
+        return replace(self, **kw)
+
+    def with_dims(self, **dims: tuple[int, int, int]) -> "ExportConfig":
+        """A copy with some shape dims replaced: with_dims(batch=(1, 2, 8))."""
+        cur = {n: (a, b, c) for n, a, b, c in self.shapes}
+        cur.update(dims)
+        return replace(self, shapes=tuple((n, *cur[n]) for n in SHAPE_DIMS))
+
+
+def parse_shapes(text: str) -> tuple[tuple[str, int, int, int], ...]:
+    """`--shapes` text -> shape entries: "batch=1:2:8,height=256,width=256:448:832".
+
+    Each item is DIM=MIN:OPT:MAX or DIM=N (a static dim: min = opt = max = N); dims left out keep
+    DEFAULT_SHAPES. Raises BBFInputError naming the item and what is allowed.
+    """
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        parts = value.split(":")
+        if not sep or name not in SHAPE_DIMS or len(parts) not in (1, 3):
+            raise BBFInputError(f"--shapes item {item!r}: expected DIM=MIN:OPT:MAX or DIM=N with DIM one of {SHAPE_DIMS}")
+        try:
+            nums = [int(p) for p in parts]
+        except ValueError:
+            raise BBFInputError(f"--shapes item {item!r}: sizes must be integers") from None
+        lo, opt, hi = nums * 3 if len(nums) == 1 else nums
+        out.append((name, lo, opt, hi))
+    return tuple(out)

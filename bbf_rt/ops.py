@@ -53,11 +53,31 @@ def _triton_module(name: str, x: torch.Tensor):
     return mod
 
 
+_warned: set[str] = set()
+
+
+def _fallback(op: str, reason: str) -> None:
+    """Log once per (op, reason) that the reference runs instead of the requested Triton kernel."""
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        log.warning("%s: Triton kernel not used (%s); running the PyTorch reference", op, reason)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention. q: (B, Lq, H, D); k, v: (B, Lk, H, D); key_mask: (B, Lk) bool."""
+    """Scaled dot-product attention. q: (B, Lq, H, D); k, v: (B, Lk, H, D); key_mask: (B, Lk) bool.
+
+    The Triton kernel takes bf16/fp16 with head dims that are multiples of 8 up to 256; other inputs
+    (fp32 above all) run the reference, with one logged warning.
+    """
     mod = _triton_module("attention", q)
     if mod is not None:
-        return mod.attention(q, k, v, key_mask)
+        D = q.shape[-1]
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            _fallback("attention", f"dtype {q.dtype}; the kernel takes bfloat16 or float16")
+        elif not 16 <= D <= 256 or D % 8:
+            _fallback("attention", f"head dim {D}; the kernel takes multiples of 8 in [16, 256]")
+        else:
+            return mod.attention(q, k, v, key_mask)
     return _attn_ref.attention(q, k, v, key_mask)
 
 

@@ -55,6 +55,8 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(dim, dim)
         self.norm_q = nn.Parameter(torch.ones(dim))
         self.norm_k = nn.Parameter(torch.ones(dim))
+        # sequence parallelism (a bbf_rt.parallel.SequenceShard): None = the whole sequence is here
+        self.sharding = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
@@ -62,6 +64,8 @@ class SelfAttention(nn.Module):
         q = ops.rms_norm_rope(q, self.norm_q, cos, sin, self.heads, self.eps)  # (B, L, H, D)
         k = ops.rms_norm_rope(k, self.norm_k, cos, sin, self.heads, self.eps)
         v = v.reshape(B, L, self.heads, C // self.heads)
+        if self.sharding is not None:  # a token shard: all-to-all to whole heads, attend, and back
+            return self.o(self.sharding.attention(q, k, v).reshape(B, L, C))
         return self.o(ops.attention(q, k, v).reshape(B, L, C))
 
 
@@ -159,6 +163,9 @@ class BBFDiT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_modulation = nn.Parameter(torch.randn(2, d) / d**0.5)
         self.head = nn.Linear(d, C * p)
+        # sequence parallelism (a bbf_rt.parallel.SequenceShard, set by bbf_rt.parallel.enable_sequence_parallel):
+        # None = every token on this device; set, each rank keeps a slice of every frame's tokens
+        self.sharding = None
 
     def forward(
         self,
@@ -199,11 +206,15 @@ class BBFDiT(nn.Module):
             [x, z0[:, None].expand(B, Fr, C, H, W), z1[:, None].expand(B, Fr, C, H, W), valid[:, None].expand(B, Fr, 1, H, W)],
             dim=2,
         ).to(dt)
-        tokens = self.patch_in(patchify(inp, ph, pw))  # (B, L, dim)
+        tokens = patchify(inp, ph, pw)  # (B, L, in_channels*ph*pw)
+        cos, sin = self.rope(tau, h, w)  # (B, L, D/2)
+        sp = self.sharding
+        if sp is not None:  # this rank's tokens of every frame: L becomes F * ceil(h*w / ranks)
+            tokens, cos, sin = sp.shard(Fr, h * w, tokens, cos, sin)
+        tokens = self.patch_in(tokens)  # (B, L, dim)
 
         c = (self.time_embed(sigma) + self.diff_embed(diff[:, None].to(dt)))[:, None] + self.tau_embed(tau)  # (B, F, dim)
         e = self.time_proj(F.silu(c)).unflatten(-1, (6, cfg.dim))  # (B, F, 6, dim)
-        cos, sin = self.rope(tau, h, w)  # (B, L, D/2)
 
         conds: dict[str, dict] = {}
         if text is not None and text_mask is not None and "text" in self.embed:
@@ -238,6 +249,8 @@ class BBFDiT(nn.Module):
 
         shift, scale = (self.head_modulation + c[:, :, None, :]).unbind(2)  # (B, F, dim)
         out = self.head(ops.norm_modulate(tokens, shift, scale, cfg.eps))
+        if sp is not None:
+            out = sp.gather(out)  # (B, F*h*w, C*ph*pw), the whole output on every rank
         return unpatchify(out, Fr, h, w, ph, pw).to(x.dtype)
 
 

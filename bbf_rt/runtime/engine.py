@@ -53,7 +53,10 @@ class Conditions:
 class Engine:
     """Holds a model on a device and turns IntervalJobs into frames."""
 
-    def __init__(self, model: BBFModel, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: BBFModel, runtime: RuntimeConfig, device: torch.device, dtype: torch.dtype, denoiser=None,
+    ) -> None:
+        """`denoiser`: a backend from `bbf_rt.runtime.backends` (called like the DiT); None = eager."""
         if model.vae is None:
             raise BBFInputError(f"model {model.cfg.name!r} has no VAE; the pipeline needs one to turn frames into latents")
         if runtime.steps < 1:
@@ -61,6 +64,7 @@ class Engine:
         if runtime.solver not in sampler.SOLVERS:
             raise BBFInputError(f"solver={runtime.solver!r} is not one of {sorted(sampler.SOLVERS)}")
         self.model, self.rt, self.device, self.dtype = model, runtime, device, dtype
+        self.denoiser = denoiser if denoiser is not None else model.dit
         self.cfg = model.cfg
         self.sigmas = sampler.make_sigmas(runtime.steps, shift=runtime.shift)
         scales = {"text": runtime.text_scale, "audio": runtime.audio_scale}
@@ -126,7 +130,7 @@ class Engine:
             kw = self._tile_for_cfg(kw, B, [m for m, _ in guided])
 
         def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-            return self.model.dit(x, sigma.to(dev, torch.float32), **kw)  # fp32: sigma feeds sinusoidal features
+            return self.denoiser(x, sigma.to(dev, torch.float32), **kw)  # fp32: sigma feeds sinusoidal features
 
         weights = sampler.cfg_weights([s for _, s in guided]) if K > 1 else None
         out = sampler.sample(denoise, noise, self.sigmas, solver=self.rt.solver, cfg_weights=weights)

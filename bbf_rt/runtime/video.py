@@ -23,6 +23,7 @@ from bbf_rt.io.scenecut import is_scene_cut
 from bbf_rt.io.image import read_image
 from bbf_rt.io.video import VideoWriter, iter_frames, probe, read_audio
 from bbf_rt.runtime.api import encode_text, get_model, make_audio_encoder
+from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine, resolve_device, resolve_dtype
 from bbf_rt.runtime.plan import apply_scene_cuts, batch_intervals, intervals, make_plan, output_fps
 
@@ -100,11 +101,13 @@ def interpolate_video(
     device: str | None = None,
     allow_untrained: bool = False,
     progress: bool = True,
+    backend: str = "eager",
 ) -> dict:
     """Interpolate a video file to `factor` x its rate or to `fps`; returns a report dict.
 
     The output is written to a temporary file next to `out_path` and renamed only when complete; the
-    input's audio streams are copied back unchanged. Raises BBFInputError on unusable input.
+    input's audio streams are copied back unchanged. `backend` picks the denoiser implementation
+    (`bbf_rt.runtime.backends.BACKENDS`). Raises BBFInputError on unusable input.
     """
     t_start = time.perf_counter()
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
@@ -121,7 +124,8 @@ def interpolate_video(
             f"model {str(model)!r} has untrained (random) weights, so its frames would be noise, not a result; "
             "pass a trained checkpoint with --model (or --allow-untrained for plumbing tests)"
         )
-    eng = Engine(m, rt, dev, dt)
+    denoiser = make_backend(backend, m, dev, dt)
+    eng = Engine(m, rt, dev, dt, denoiser=denoiser)
     cond = Conditions()
     if prompt is not None and "text" in m.cfg.modalities:
         cond.text, cond.text_mask = encode_text(m, prompt, dev)
@@ -217,5 +221,6 @@ def interpolate_video(
         "fps_in": str(info.fps), "fps_out": str(plan.out_fps), "interpolated": n_interp, "scene_cuts": len(cuts),
         "audio_guidance": samples is not None, "text_guidance": cond.text is not None, "model": m.cfg.name,
         "trained": m.trained, "device": str(dev), "dtype": str(dt).replace("torch.", ""), "steps": rt.steps,
+        "backend": denoiser.describe(),
         "seconds": time.perf_counter() - t_start,
     }
