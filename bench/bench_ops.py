@@ -157,7 +157,8 @@ def bench_cross_attention(rows: Rows) -> None:
         flops = 4 * H * L * Lk * D
         for name, fn in (("triton", lambda: attn_tt.attention(q, k, v, mask)), ("sdpa_masked", lambda: attn_ref.attention(q, k, v, mask))):
             t = timed(fn)
-            rows.add("cross_attention", name, (1, L, Lk, H, D), t, flops=flops, err=_err(fn(), oracle), err_ref=ref_err, preset=preset)
+            rows.add("cross_attention", name, (1, L, Lk, H, D), t, flops=flops, err=_err(fn(), oracle), err_ref=ref_err,
+                 preset=preset, valid_keys=77, flops_note="4*H*L*Lk*D over all Lk slots")
 
 
 # ------------------------------------------------------------------ memory-bound ops
@@ -175,7 +176,7 @@ def _rotating(make, total_bytes: int = 1 << 28):
     return sets, nxt
 
 
-def bench_memory_bound(rows: Rows, lengths, compile_glue: bool) -> None:
+def bench_memory_bound(rows: Rows, lengths, compile_glue: bool, ops: set[str]) -> None:
     for preset in PRESETS:
         cfg = get_preset(preset)
         C, H = cfg.dim, cfg.heads
@@ -201,7 +202,7 @@ def bench_memory_bound(rows: Rows, lengths, compile_glue: bool) -> None:
                 ("gated_residual", gr_in, gr_tt.gated_residual, gr_ref.gated_residual, 3 * L * C * e + FRAMES * C * e),
                 ("rms_norm_rope", rope_in, rope_tt.rms_norm_rope, rope_ref.rms_norm_rope, 2 * L * C * e + 2 * L * (C // H // 2) * 4 + C * e),
             ]
-            for name, make, tt_fn, ref_fn, nbytes in specs:
+            for name, make, tt_fn, ref_fn, nbytes in (sp for sp in specs if sp[0] in ops):
                 sets, nxt = _rotating(make)
                 a = sets[0]
                 up = [t.float() if torch.is_tensor(t) and t.dtype == BF16 else t for t in a]
@@ -218,21 +219,25 @@ def bench_memory_bound(rows: Rows, lengths, compile_glue: bool) -> None:
 
 
 def bench_rope_configs(rows: Rows, L: int = 32760) -> None:
-    """rms_norm_rope at other rows-per-program / warps than its defaults (a small sweep kept as rows)."""
+    """rms_norm_rope at launch parameters around its defaults (a small sweep, kept as rows)."""
     for preset in PRESETS:
         cfg = get_preset(preset)
         C, H = cfg.dim, cfg.heads
         _, nxt = _rotating(lambda i: (torch.randn(1, L, 3 * C, device=DEV, dtype=BF16)[:, :, :C],))
         ang = torch.rand(1, L, C // H // 2, device=DEV)
         cs, sn, w16 = ang.cos(), ang.sin(), torch.rand(C, device=DEV, dtype=BF16) + 0.5
-        hb, half_b, r0, w0 = rope_tt.launch_params(H, C // H)
-        for r in (1, 2, 4, 8):
-            for w in (4, 8):
-                if not 1024 <= r * hb * half_b * 2 <= 16384:
-                    continue
-                t = timed(lambda: rope_tt.launch(nxt()[0], w16, cs, sn, H, 1e-6, rows=r, num_warps=w))
-                rows.add("rms_norm_rope_config", "triton", (1, L, C), t, nbytes=2 * L * C * 2 + 2 * L * (C // H // 2) * 4,
-                         preset=preset, config=dict(rows=r, num_warps=w, default=(r, w) == (r0, w0)))
+        block_p, nchunk, r0, w0 = rope_tt.launch_params(C)
+        chunks = (None, 256, 0) if nchunk > 1 else (None,)  # default, narrower chunks, one pass
+        for chunk in chunks:
+            for r in (1, 2, 4, 8):
+                for w in (4, 8):
+                    per_row = 2 * (triton.next_power_of_2(C // 2) if chunk == 0 else (chunk or block_p))
+                    if not 1024 <= r * per_row <= 16384:
+                        continue
+                    t = timed(lambda: rope_tt.launch(nxt()[0], w16, cs, sn, H, 1e-6, rows=r, num_warps=w, chunk=chunk))
+                    rows.add("rms_norm_rope_config", "triton", (1, L, C), t, nbytes=2 * L * C * 2 + 2 * L * (C // H // 2) * 4,
+                             preset=preset, config=dict(rows=r, num_warps=w, chunk_pairs=chunk if chunk is not None else block_p,
+                                                        default=(r, w, chunk) == (r0, w0, None)))
 
 
 # ------------------------------------------------------------------ one DiT block
@@ -332,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one preset, short lengths (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd glue baselines")
     p.add_argument("--git-sha", default="unknown")
+    p.add_argument("--only", default="attention,cross,memory,rope_configs,block",
+                   help="comma-separated sections to run (default: all)")
+    p.add_argument("--ops", default="norm_modulate,gated_residual,rms_norm_rope", help="memory-bound ops to run")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_ops: needs a CUDA GPU", file=sys.stderr)
@@ -344,12 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.sweep:
         sweep(rows)
         return 0
+    only = set(a.only.split(","))
     lengths = (1560, 8190) if a.quick else (1560, 8190, 32760, 75600)
-    bench_attention(rows, lengths, a.quick)
-    bench_cross_attention(rows)
-    bench_memory_bound(rows, (32760, 75600), compile_glue=not a.no_compile)
-    bench_rope_configs(rows)
-    bench_block(rows)
+    if "attention" in only:
+        bench_attention(rows, lengths, a.quick)
+    if "cross" in only:
+        bench_cross_attention(rows)
+    if "memory" in only:
+        bench_memory_bound(rows, (32760, 75600), compile_glue=not a.no_compile, ops=set(a.ops.split(",")))
+    if "rope_configs" in only:
+        bench_rope_configs(rows)
+    if "block" in only:
+        bench_block(rows)
     return 0
 
 

@@ -121,6 +121,16 @@ def test_attention_strided_views_and_every_loader(loader, pipeline):
     _attn_check(q, k, v, m, cfg)
 
 
+@pytest.mark.parametrize("loader", ["tma", "pointer"])
+def test_attention_padded_conditions_stop_at_last_valid_key(loader):
+    """Prefix masks (a prompt padded to its slots): tiles past the last valid key are skipped."""
+    q, k, v = _qkv(3, 40, 300, 2, 64, torch.bfloat16)
+    m = torch.arange(300, device=DEV)[None] < torch.tensor([[77], [200], [0]], device=DEV)  # sample 2: none
+    out = attn_tt.launch(q, k, v, m, 64**-0.5, attn_tt.AttnConfig(block_m=64, block_n=32, num_warps=4, loader=loader))
+    check(out, attn_ref.attention(q, k, v, m), attn_ref.attention(q.float(), k.float(), v.float(), m))
+    torch.testing.assert_close(out[2].float(), v[2].float().mean(0, keepdim=True).expand(40, 2, 64), atol=2e-2, rtol=0)
+
+
 def test_attention_fully_masked_rows_average_uniformly():
     q, k, v = _qkv(2, 50, 20, 2, 64, torch.bfloat16)
     m = _mask(2, 20)
@@ -183,8 +193,7 @@ def test_gated_residual_matches_oracle(case, dtype):
 @pytest.mark.parametrize("case", [(2, 77, 2, 32), (1, 1000, 6, 64), (2, 5, 12, 128), (1, 33, 3, 24)],
                          ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("shared_table", [True, False], ids=["cos1", "cosB"])
-@pytest.mark.parametrize("chunk", [None, 16], ids=["default", "two-pass"])
-def test_rms_norm_rope_matches_oracle(case, dtype, shared_table, chunk):
+def test_rms_norm_rope_matches_oracle(case, dtype, shared_table, chunk=None):
     B, L, H, D = case
     C = H * D
     g = torch.Generator().manual_seed(4)
@@ -196,6 +205,13 @@ def test_rms_norm_rope_matches_oracle(case, dtype, shared_table, chunk):
     out = rope_tt.rms_norm_rope(x, w, cos, sin, H, 1e-6) if chunk is None else rope_tt.launch(x, w, cos, sin, H, 1e-6, chunk=chunk)
     check(out, rope_ref.rms_norm_rope(x, w, cos, sin, H, 1e-6),
           rope_ref.rms_norm_rope(x.float(), w.float(), cos, sin, H, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", LOW + [torch.float32], ids=str)
+@pytest.mark.parametrize("case", [(2, 5, 12, 128), (1, 33, 3, 24)], ids=lambda c: "x".join(map(str, c)))
+def test_rms_norm_rope_two_pass_matches_oracle(case, dtype):
+    """The chunked two-pass path that rows wider than 1024 channel pairs take, on small rows."""
+    test_rms_norm_rope_matches_oracle(case, dtype, False, chunk=16)
 
 
 # ---------------------------------------------------------------- torch.library integration
@@ -274,7 +290,7 @@ def test_preset_shapes(preset, L):
     _attn_check(qc, kc, vc, _mask(2, 512))
     test_norm_modulate_matches_oracle((1, 3, L // 3, C), torch.bfloat16, False)
     test_gated_residual_matches_oracle((1, 3, L // 3, C), torch.bfloat16)
-    test_rms_norm_rope_matches_oracle((1, L, H, D), torch.bfloat16, True, None)
+    test_rms_norm_rope_matches_oracle((1, L, H, D), torch.bfloat16, True)
 
 
 def _model_inputs(cfg, dtype, B=2, Fr=2, H=8, W=12):

@@ -4,13 +4,15 @@ One program owns BLOCK_M queries of one (batch, head) and streams the keys in BL
 S = Q K^T on the tensor cores (bf16/fp16 operands, fp32 accumulation), an online softmax in fp32 in the
 exp2 domain (the 1/sqrt(D) scale and log2(e) folded into one FMA), then O += P V with P rounded to the
 input dtype (as every flash kernel does). Keys of the last, partial tile get -inf; keys masked by
-`key_mask` get a large finite negative score instead, so a query whose keys are all masked averages V
-uniformly, which is what the reference returns (finite, never NaN).
+`key_mask` get a finite score of -1e6 (log2 units) instead, so a query whose keys are all masked averages
+V uniformly, which is what the reference returns (finite, never NaN). With a mask, each program first
+finds its sample's last valid key and stops there: padded conditions cost only their valid prefix.
 
-Inputs are (B, L, H, D) with any strides (the model passes views of a fused qkv projection). Two loaders:
-Hopper's tensor-memory accelerator through host `TensorDescriptor`s when the strides allow it (16-byte
-aligned, last dim contiguous, power-of-two D), plain pointer loads otherwise. Bytes: Q, O once; K, V once
-per query tile (re-reads mostly hit L2). FLOPs: 4 * B * H * Lq * Lk * D.
+Inputs are (B, L, H, D) with any strides (the model passes views of a fused qkv projection). Loaders:
+Hopper's tensor-memory accelerator through descriptors built in the kernel (traceable by torch.compile,
+export and AOTInductor) when the strides allow it (16-byte aligned, last dim contiguous, power-of-two D),
+plain pointer loads otherwise (any head dim that is a multiple of 8, any GPU). Bytes: Q, O once; K, V
+once per query tile (re-reads mostly hit L2). FLOPs: 4 * B * H * Lq * Lk * D.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ except ImportError:  # older Triton: pointer loads only
     TensorDescriptor = None
 
 # Under TRITON_INTERPRET=1, torch's wrap_triton hands back the raw interpreted kernel, which cannot run on
-# fake tensors; the op is then an opaque custom op with its own fake impl (see _register).
+# fake tensors; the op is then an opaque custom op with its own fake impl (bottom of this file).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -111,6 +113,20 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, inb,
 
 
 @triton.jit
+def _key_end(KM, b, smb, sml, Lk, BLOCK_N: tl.constexpr):
+    """End of the keys worth visiting for sample b: keys after its last valid one get exactly zero
+    weight, so padded conditions (a 77-token prompt in 512 slots) stop early. A sample with no valid key
+    keeps all Lk keys, whose uniform average the reference returns."""
+    offs = tl.arange(0, BLOCK_N)
+    last = tl.full([], -1, tl.int32)
+    for s0 in range(0, Lk, BLOCK_N):
+        idx = s0 + offs
+        valid = tl.load(KM + b.to(tl.int64) * smb + idx * sml, mask=idx < Lk, other=0) != 0
+        last = tl.maximum(last, tl.max(tl.where(valid, idx, -1), 0))
+    return tl.where(last >= 0, tl.minimum(Lk, (last // BLOCK_N + 1) * BLOCK_N), Lk)
+
+
+@triton.jit
 def _attn_fwd_ptr(Q, K, V, O, KM, qk_scale, Lq, Lk, H,
                   sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sob, sol, soh, smb, sml,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -133,7 +149,10 @@ def _attn_fwd_ptr(Q, K, V, O, KM, qk_scale, Lq, Lk, H,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     keep = offs_n >= 0
-    n_full = (Lk // BLOCK_N) * BLOCK_N
+    n_end = Lk
+    if HAS_MASK:
+        n_end = _key_end(KM, b, smb, sml, Lk, BLOCK_N)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
     for start in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
         if D == BLOCK_D:
             k = tl.load(k_ptrs + start * skl)
@@ -144,7 +163,7 @@ def _attn_fwd_ptr(Q, K, V, O, KM, qk_scale, Lq, Lk, H,
         if HAS_MASK:
             keep = tl.load(km_ptrs + start * sml) != 0
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32)
-    if n_full < Lk:  # the partial last tile: bounds-checked loads, -inf scores past Lk
+    if n_full < n_end:  # the partial last tile (n_end = Lk here): bounds-checked, -inf scores past Lk
         inb = (n_full + offs_n) < Lk
         k = tl.load(k_ptrs + n_full * skl, mask=inb[:, None] & dmask[None, :], other=0.0)
         v = tl.load(v_ptrs + n_full * svl, mask=inb[:, None] & dmask[None, :], other=0.0)
@@ -185,7 +204,10 @@ def _attn_fwd_tma(Qd, Kd, Vd, Od, KM, qk_scale, B, Lq, Lk, H,
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     keep = offs_n >= 0
-    n_full = (Lk // BLOCK_N) * BLOCK_N
+    n_end = Lk
+    if HAS_MASK:
+        n_end = _key_end(KM, b, smb, sml, Lk, BLOCK_N)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
     if PIPE and n_full > 0:
         # software pipeline: the scores of tile j+1 are issued to the tensor cores before the softmax
         # of tile j, so the asynchronous wgmma overlaps the exp2 work (as FlashAttention-3 does)
@@ -208,7 +230,7 @@ def _attn_fwd_tma(Qd, Kd, Vd, Od, KM, qk_scale, B, Lq, Lk, H,
             if HAS_MASK:
                 keep = tl.load(km_ptrs + start * sml) != 0
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32)
-    if n_full < Lk:
+    if n_full < n_end:
         inb = (n_full + offs_n) < Lk
         k = k_desc.load([b, n_full, h, 0]).reshape(BLOCK_N, D)
         v = v_desc.load([b, n_full, h, 0]).reshape(BLOCK_N, D)
@@ -227,7 +249,8 @@ def _capability(device: torch.device) -> tuple[int, int]:
 
 
 def default_config(head_dim: int, lk: int, device: torch.device) -> AttnConfig:
-    """Launch parameters measured best on the H100 (bench/bench_ops.py --sweep; docs/kernels.md)."""
+    """Launch parameters measured best on the H100 at 32760 tokens (bench/bench_ops.py --sweep; docs/kernels.md):
+    head dim 128: 128 x 128 tiles, 8 warps, 3 stages, 558 TFLOP/s; head dim 64: 128 x 64, 458 TFLOP/s."""
     if head_dim <= 64:
         cfg = AttnConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     else:
