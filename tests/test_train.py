@@ -9,17 +9,26 @@ import torch
 
 pytest.importorskip("skimage", reason="the training data needs scikit-image (pip install 'bbf-rt[train]')")
 
-from bbf_rt.errors import BBFInputError, CheckpointError  # noqa: E402
-from bbf_rt.train import curriculum  # noqa: E402
-from bbf_rt.train.ambiguity import AudioSuite, ContextSuite, ImageSuite, TextSuite, all_captions, make_suite  # noqa: E402
-from bbf_rt.train.data import GenericMotion, GenericMotionDataset, difference, random_appearance, random_motion  # noqa: E402
-from bbf_rt.train.loop import TextBank, TrainConfig, make_trainer, train, weights_to_checkpoint  # noqa: E402
-from bbf_rt.train.metrics import linear_blend, predict, psnr, ssim  # noqa: E402
-from bbf_rt.train.render import render, to_device  # noqa: E402
-from bbf_rt.train.shards import load_shards, save_shards  # noqa: E402
+from bbf_rt.errors import BBFInputError, CheckpointError
+from bbf_rt.train import curriculum
+from bbf_rt.train.ambiguity import AudioSuite, ContextSuite, ImageSuite, TextSuite, all_captions, make_suite
+from bbf_rt.train.batching import TextBank
+from bbf_rt.train.data import GenericMotion, GenericMotionDataset, difference, random_appearance, random_motion
+from bbf_rt.train.loop import TrainConfig, make_trainer, train, weights_to_checkpoint
+from bbf_rt.train.metrics import linear_blend, predict, psnr, ssim
+from bbf_rt.train.shards import load_shards, save_shards
 
 H, W = 48, 64
 CFG = TrainConfig(preset="tiny", height=32, width=32, batch=6, device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a busy 2-core machine the threads only wait."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _bank() -> TextBank:
@@ -111,7 +120,7 @@ def test_ambiguity_label_comes_from_the_modality_not_the_boundaries(name):
     key = {"audio": "within_one", "text": "correct", "context": "accel_correct", "image": "correct"}[name]
     assert bool(good[key].all())
     if name == "audio":
-        assert bool((good["timing_error"] == 0).all()) and bool((bad["timing_error"] > 0).any())
+        assert bool(good["exact"].all()) and bool((bad["timing_error"] > 0).any()) and not bool(bad["exact"].all())
     else:
         assert not bool(bad[key].any())
     if name == "context":
@@ -184,7 +193,7 @@ def test_stage_transition_export_and_checkpoint(tmp_path):
     assert r["global_step"] == 2 and json.loads((tmp_path / "run" / "latest.json").read_text())["stage"] == "vae"
     tr = make_trainer(CFG, "2", resume=tmp_path / "run")
     assert tr.vae_calibrated and tr.global_step == 2 and tr.stage_step == 0
-    z = tr.model.vae.encode_frames(tr.generic.stills(10**6, 16) * 2 - 1)  # calibrated: ~unit latents
+    z = tr.model.vae.encode_frames(tr.stills.stills(10**6, 16) * 2 - 1)  # calibrated: ~unit latents
     assert abs(float(z.std()) - 1) < 0.1
     tr.step()
     tr.export(tmp_path / "w", part="backbone")
@@ -202,10 +211,13 @@ def test_stage_transition_export_and_checkpoint(tmp_path):
 
 
 def test_train_stops_before_the_wall_clock_budget(tmp_path):
+    tr = make_trainer(CFG, "1")
     t0 = time.monotonic()
-    r = train("1", 0.08, tmp_path / "run", cfg=CFG)  # 4.8 s
-    assert time.monotonic() - t0 < 4.8 + 1.5 and r["steps"] >= 1
+    r = train("1", 0.05, tmp_path / "run", cfg=CFG, trainer=tr)  # 3 s for steps and the save
+    assert time.monotonic() - t0 < 3.0 + 0.5 and r["steps"] >= 2  # 0.5 s: scheduling noise of a busy machine
     assert (tmp_path / "run" / r["state"].split("/")[-1] / "index.json").is_file()
+    with pytest.raises(BBFInputError, match="minutes"):
+        train("1", 0, tmp_path / "run", cfg=CFG)
 
 
 def test_shards_respect_the_size_limit_and_round_trip(tmp_path):

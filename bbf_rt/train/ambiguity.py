@@ -93,7 +93,7 @@ def track(frames: torch.Tensor, background: torch.Tensor, threshold: float = 0.3
     frames (B, F, 3, H, W), background (B, 3, H, W) in [0, 1] -> (B, F, 2) screen coordinates, NaN where
     no pixel differs.
     """
-    B, Fr, _, H, W = frames.shape
+    H, W = frames.shape[-2:]
     scr = screen_grid(H, W, frames.device)  # (H, W, 2)
     m = ((frames.float() - background.float()[:, None]).abs().sum(2) > threshold).float()  # (B, F, H, W)
     tot = m.sum((-2, -1))
@@ -223,7 +223,7 @@ class AudioSuite(Suite):
 
     def extra(self, prm, label, gen):
         n = label.shape[0]
-        S = int(round(self.seconds * SAMPLE_RATE))
+        S = round(self.seconds * SAMPLE_RATE)
         t = torch.arange(S, dtype=torch.float32) / SAMPLE_RATE  # (S,)
         onset = label * self.seconds  # (B, N) seconds
         freq = _u(gen, label.shape, 1500.0, 3500.0)[..., None]
@@ -238,14 +238,15 @@ class AudioSuite(Suite):
                 "event_frame": event}
 
     def score(self, batch, frames):
-        """timing_error: mean |estimated - true| event frame over the clicks; within_one: every click within 1 frame."""
+        """timing_error: mean |estimated - true| event frame over the clicks; within_one / exact: every click
+        within 1 frame / in its frame."""
         pos = track(frames, batch["background"])  # (B, F, 2)
         count = _sqdist(pos[:, :, None], batch["hyp_pos"][:, None]).argmin(-1)  # (B, F)
         k = torch.arange(1, batch["event_frame"].shape[1] + 1, device=count.device)
         reached = count[:, :, None] >= k  # (B, F, N)
         est = torch.where(reached.any(1), reached.float().argmax(1), torch.full_like(k, frames.shape[1]))
         err = (est - batch["event_frame"]).abs().float()
-        return {"timing_error": err.mean(-1), "within_one": (err <= 1).all(-1)}
+        return {"timing_error": err.mean(-1), "within_one": (err <= 1).all(-1), "exact": (err == 0).all(-1)}
 
     @staticmethod
     def oracle(audio: torch.Tensor, seconds: float, count: int, threshold: float = 0.2) -> torch.Tensor:
@@ -467,5 +468,14 @@ def make_suite(name: str, height: int, width: int, **kw) -> Suite:
     return SUITE_CLASSES[name](height, width, **kw)
 
 
-__all__ = ["SUITES", "Suite", "AudioSuite", "TextSuite", "ContextSuite", "ImageSuite", "make_suite", "all_captions",
-           "track"]
+__all__ = [
+    "SUITES",
+    "AudioSuite",
+    "ContextSuite",
+    "ImageSuite",
+    "Suite",
+    "TextSuite",
+    "all_captions",
+    "make_suite",
+    "track",
+]

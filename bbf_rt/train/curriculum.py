@@ -43,7 +43,7 @@ class Stage:
     alpha: float = 0.0  # loss-weight slope on -d
     d_max: float = 4.0
     pool: int = 4  # candidates drawn per kept sample when lam != 0
-    n_targets: int = 3
+    n_targets: tuple[int, ...] = (1, 3, 7)  # in-between frames per sample, cycled step by step (one per batch)
     tau_mode: str = "mixed"
     backbone_lr_mult: float = 1.0  # stage 3: 0 freezes the backbone (default), e.g. 0.1 = low learning rate
     cond_dropout: float = 0.0
@@ -56,7 +56,7 @@ STAGES: dict[str, Stage] = {
     "2": Stage(name="2", trains="backbone", lr=2e-4, warmup=100, lam_start=0.0, lam_end=2.0, ramp_steps=3000,
                alpha=1.0, d_max=4.0, pool=4),
     "3": Stage(name="3", trains="branches", lr=3e-4, warmup=200, lam_start=0.5, lam_end=0.5, alpha=0.5, pool=2,
-               n_targets=7, tau_mode="grid", backbone_lr_mult=0.0, cond_dropout=0.15,
+               n_targets=(7,), tau_mode="grid", backbone_lr_mult=0.0, cond_dropout=0.15,
                mix=(("generic", 0.3), ("audio", 0.175), ("text", 0.175), ("context", 0.175), ("image", 0.175))),
 }
 
@@ -66,6 +66,11 @@ def get_stage(name: str | int) -> Stage:
     if key not in STAGES:
         raise BBFInputError(f"stage={name!r}: allowed are {tuple(STAGES)}")
     return STAGES[key]
+
+
+def targets_at(stage: Stage, step: int) -> int:
+    """In-between frames of the batch at `step`: 2x interpolation (1), 4x (3) and 8x (7) in turn."""
+    return stage.n_targets[step % len(stage.n_targets)]
 
 
 def lam_at(stage: Stage, step: int) -> float:

@@ -30,7 +30,17 @@ from bbf_rt.errors import BBFInputError
 from bbf_rt.model.embed import boundary_similarity, normalised_difference
 from bbf_rt.train import curriculum
 from bbf_rt.train.render import (
-    HELDOUT_PHOTOS, N_KINDS, SHAPES, TRAIN_PHOTOS, Appearance, PhotoAtlas, Poses, render, screen_extent, take, to_device,
+    HELDOUT_PHOTOS,
+    N_KINDS,
+    SHAPES,
+    TRAIN_PHOTOS,
+    Appearance,
+    PhotoAtlas,
+    Poses,
+    render,
+    screen_extent,
+    take,
+    to_device,
 )
 
 SPLITS = {"train": (TRAIN_PHOTOS, 0), "heldout": (HELDOUT_PHOTOS, 0x5EED_0F_4E1D)}

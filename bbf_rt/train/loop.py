@@ -34,6 +34,7 @@ from bbf_rt.model import BBFModel, save_checkpoint
 from bbf_rt.runtime.engine import resolve_device
 from bbf_rt.train import curriculum
 from bbf_rt.train.ambiguity import all_captions, make_suite
+from bbf_rt.train.batching import TextBank, collate, conditions
 from bbf_rt.train.data import GenericMotion, batch_seed
 from bbf_rt.train.shards import MIB, load_shards, save_shards
 
@@ -70,91 +71,6 @@ class TrainConfig:
     fps: float = 25.0
 
 
-class TextBank:
-    """Caption -> (L, text_dim) token embeddings, precomputed once (the GPU machine has no MiniLM weights)."""
-
-    def __init__(self, table: dict[str, torch.Tensor]) -> None:
-        self.table = table
-
-    @classmethod
-    def from_encoder(cls, encoder, captions: list[str]) -> "TextBank":
-        return cls({c: encoder.encode([c])[0][0].float().cpu() for c in captions})
-
-    def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
-        caps = sorted(self.table)
-        save_file({f"c{i}": self.table[c].contiguous() for i, c in enumerate(caps)}, str(path), metadata={"captions": json.dumps(caps)})
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "TextBank":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            caps = json.loads(f.metadata()["captions"])
-            return cls({c: f.get_tensor(f"c{i}") for i, c in enumerate(caps)})
-
-    def lookup(self, captions: list[str | None], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, L, dim) tokens and (B, L) mask; None -> all-False row."""
-        missing = sorted({c for c in captions if c is not None and c not in self.table})
-        if missing:
-            raise BBFInputError(f"captions {missing[:3]} are not in the text bank; rebuild it with --make-text-bank")
-        rows = [self.table[c] if c is not None else None for c in captions]
-        dim = next(r.shape[1] for r in rows if r is not None)
-        L = max(r.shape[0] for r in rows if r is not None)
-        tok = torch.zeros(len(rows), L, dim)
-        mask = torch.zeros(len(rows), L, dtype=torch.bool)
-        for i, r in enumerate(rows):
-            if r is not None:
-                tok[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
-        return tok.to(device), mask.to(device)
-
-
-TRAIN_KEYS = ("frame0", "frame1", "targets", "taus", "context", "context_tau", "diff")
-
-
-def collate(parts: list[dict]) -> dict:
-    """Concatenate batches from several sources; absent modalities become zeros with a False presence flag."""
-    out = {k: torch.cat([p[k] for p in parts]) for k in TRAIN_KEYS}
-    sizes = [p["frame0"].shape[0] for p in parts]
-    dev = out["frame0"].device
-    out["caption"] = [c for p, n in zip(parts, sizes) for c in (p.get("caption") or [None] * n)]
-    for key, like in (("audio", None), ("reference", out["frame0"])):
-        have = [key in p for p in parts]
-        out[f"{key}_present"] = torch.cat([torch.full((n,), h, device=dev) for n, h in zip(sizes, have)])
-        if any(have):
-            ref = next(p[key] for p in parts if key in p)
-            out[key] = torch.cat([p[key] if key in p else torch.zeros((n, *ref.shape[1:]), device=dev) for p, n in zip(parts, sizes)])
-    if "audio" in out:
-        sec = next(p["audio_seconds"] for p in parts if "audio_seconds" in p)[0]
-        out["audio_seconds"] = torch.cat([p["audio_seconds"] if "audio_seconds" in p else torch.full((n,), float(sec), device=dev)
-                                          for p, n in zip(parts, sizes)])
-    return out
-
-
-def conditions(model: BBFModel, batch: dict, lat_ctx: torch.Tensor | None, keep: dict[str, torch.Tensor], text: TextBank | None,
-               audio_encoder) -> dict:
-    """The DiT's condition kwargs from a (collated) batch; `keep` (B,) bool per modality drops some."""
-    B = batch["frame0"].shape[0]
-    dev = batch["frame0"].device
-    kw: dict = {}
-    k = {m: keep[m].to(dev) for m in keep}
-    if text is not None and any(c is not None for c in batch.get("caption", [])):
-        tok, mask = text.lookup(batch["caption"], dev)
-        kw["text"], kw["text_mask"] = tok, mask & k["text"][:, None]
-    if "reference" in batch and bool(batch["reference_present"].any()):
-        ref = model.vae.encode_frames(batch["reference"] * 2 - 1).float()
-        kw["image"], kw["image_mask"] = ref[:, None], (batch["reference_present"] & k["image"])[:, None]
-    if "audio" in batch and audio_encoder is not None and bool(batch["audio_present"].any()):
-        times = batch["taus"] * batch["audio_seconds"][:, None]
-        kw["audio"] = audio_encoder(batch["audio"].float(), times)
-        kw["audio_mask"] = (batch["audio_present"] & k["audio"])[:, None].expand(B, batch["taus"].shape[1])
-    if lat_ctx is not None and lat_ctx.shape[1] > 0 and "context" in k:
-        kw["context"], kw["context_tau"] = lat_ctx, batch["context_tau"]
-        kw["context_mask"] = k["context"][:, None].expand(B, lat_ctx.shape[1])
-    return kw
-
-
 def _is_branch(name: str) -> bool:
     return ".branches." in name or name.startswith("dit.embed.") or name == "dit.audio_pos"
 
@@ -174,14 +90,18 @@ class Trainer:
         self.text = text
         st = self.stage
         data_seed = cfg.seed * 16 + list(curriculum.STAGES).index(st.name)
-        self.generic = GenericMotion(cfg.height, cfg.width, n_targets=st.n_targets, tau_mode=st.tau_mode, pool=st.pool,
-                                     context_per_side=1 if st.trains == "branches" else 0, seed=data_seed, device=self.device,
-                                     diff_stats=(self.model.cfg.diff_mu, self.model.cfg.diff_sigma))
+        self.generic = {  # one source per target count; the same scenes seed, different tau sets
+            n: GenericMotion(cfg.height, cfg.width, n_targets=n, tau_mode=st.tau_mode, pool=st.pool,
+                             context_per_side=1 if st.trains == "branches" else 0, seed=data_seed, device=self.device,
+                             diff_stats=(self.model.cfg.diff_mu, self.model.cfg.diff_sigma))
+            for n in st.n_targets
+        }
+        self.stills = self.generic[st.n_targets[0]]
         self.suites, self.audio_encoder = {}, None
         if st.trains == "branches":
             for name in curriculum.source_counts(st.mix, cfg.batch):
                 if name != "generic":
-                    self.suites[name] = make_suite(name, cfg.height, cfg.width, n_targets=st.n_targets, seed=data_seed,
+                    self.suites[name] = make_suite(name, cfg.height, cfg.width, n_targets=st.n_targets[0], seed=data_seed,
                                                    fps=cfg.fps, device=self.device)
             from bbf_rt.runtime.api import make_audio_encoder
 
@@ -221,7 +141,7 @@ class Trainer:
             for n, p in self.model.named_parameters():
                 if n.startswith("vae."):
                     p.copy_(self.ema[n])
-            zs = [vae.encoder(self.generic.stills(10**6 + i, 16) * 2 - 1).float() for i in range(batches)]
+            zs = [vae.encoder(self.stills.stills(10**6 + i, 16) * 2 - 1).float() for i in range(batches)]
             z = torch.cat(zs).transpose(0, 1).flatten(1)  # (C, N*h*w)
             vae.shift.copy_(z.mean(1))
             vae.scale.copy_(1.0 / z.std(1).clamp_min(1e-4))
@@ -241,12 +161,13 @@ class Trainer:
     def batch(self, step: int) -> dict:
         st, B = self.stage, self.cfg.batch
         if st.trains == "vae":
-            return {"stills": self.generic.stills(step, B)}
+            return {"stills": self.stills.stills(step, B)}
         lam = curriculum.lam_at(st, step)
         counts = curriculum.source_counts(st.mix, B)
         parts = []
         for name, n in counts.items():
-            parts.append(self.generic.batch(step, n, lam) if name == "generic" else self.suites[name].batch(step, n))
+            gen = self.generic[curriculum.targets_at(st, step)]
+            parts.append(gen.batch(step, n, lam) if name == "generic" else self.suites[name].batch(step, n))
         return collate(parts)
 
     def _autocast(self):
@@ -420,18 +341,22 @@ def make_trainer(cfg: TrainConfig, stage: str, resume: str | os.PathLike | None 
 
 def train(stage: str, minutes: float, out: str | os.PathLike, resume: str | os.PathLike | None = None,
           cfg: TrainConfig = TrainConfig(), text: TextBank | None = None, max_steps: int | None = None,
-          export: str | os.PathLike | None = None, progress=None, export_part: str = "all") -> dict:
+          export: str | os.PathLike | None = None, progress=None, export_part: str = "all",
+          trainer: Trainer | None = None) -> dict:
     """Train `stage` until `minutes` of wall clock (a save included) or `max_steps`; save a state to `out`.
 
     Stops before the next step would overrun: the budget is checked against the slowest recent step
-    plus the measured (or, before the first, estimated) save time. Returns a summary dict.
+    plus the measured (or, before the first, estimated) save time; the budget counts from the call, set-up
+    included. `trainer` continues an existing Trainer instead of building one. Returns a summary dict.
     """
     if not minutes > 0:
         raise BBFInputError(f"minutes={minutes!r}: allowed is a number > 0")
     t0 = time.monotonic()
     deadline = t0 + 60.0 * minutes
-    tr = make_trainer(cfg, stage, resume, text)
-    save_s = 0.5 + sum(p.numel() for p in tr.model.parameters()) * 16 / 200e6  # ~200 MB/s until measured
+    tr = trainer if trainer is not None else make_trainer(cfg, stage, resume, text)
+    cfg = tr.cfg
+    # state bytes (weights, EMA, 2 moments: 16 per parameter) at ~200 MB/s until measured; an export adds ~1/4
+    save_s = 0.5 + sum(p.numel() for p in tr.model.parameters()) * 16 / 200e6 * (1.25 if export is not None else 1.0)
     last_save, step_s, stats, first = time.monotonic(), 0.0, {}, tr.global_step
     while max_steps is None or tr.global_step - first < max_steps:
         now = time.monotonic()
@@ -446,7 +371,7 @@ def train(stage: str, minutes: float, out: str | os.PathLike, resume: str | os.P
         if time.monotonic() - last_save > 60.0 * cfg.save_minutes:
             a = time.monotonic()
             tr.save(out)
-            save_s, last_save = time.monotonic() - a + 1.0, time.monotonic()
+            save_s, last_save = (time.monotonic() - a) * (1.25 if export is not None else 1.0) + 1.0, time.monotonic()
     state = tr.save(out)
     if export is not None:
         tr.export(export, part=export_part)

@@ -89,8 +89,8 @@ def predict(model, batch: dict, withhold: Sequence[str] = (), steps: int = 2, so
     """
     from bbf_rt.runtime import sampler
     from bbf_rt.runtime.api import make_audio_encoder
+    from bbf_rt.train.batching import collate, conditions
     from bbf_rt.train.curriculum import CONDITIONS
-    from bbf_rt.train.loop import collate, conditions
 
     bad = [m for m in withhold if m not in CONDITIONS]
     if bad:
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bbf_rt.model import load_model
     from bbf_rt.runtime.engine import resolve_device
-    from bbf_rt.train.loop import TextBank, weights_to_checkpoint
+    from bbf_rt.train.batching import TextBank
+    from bbf_rt.train.loop import weights_to_checkpoint
 
     dev = resolve_device(a.device)
     path = Path(a.model)

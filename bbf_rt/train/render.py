@@ -91,13 +91,6 @@ def _mirror(u: torch.Tensor) -> torch.Tensor:
     return 1.0 - torch.remainder(u + 1.0, 4.0).sub(2.0).abs()
 
 
-def _rot(vec: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
-    """Rotate (..., 2) vectors by (...) angles (radians; positive turns x towards y = clockwise on screen)."""
-    c, s = torch.cos(angle), torch.sin(angle)
-    x, y = vec[..., 0], vec[..., 1]
-    return torch.stack([c * x - s * y, s * x + c * y], dim=-1)
-
-
 def screen_grid(height: int, width: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """(H, W, 2) fp32 screen coordinates of the pixel centres (see the module docstring)."""
     m = max(height, width)
@@ -162,12 +155,6 @@ def take(obj, idx: torch.Tensor):
     return dataclasses.replace(obj, **{f.name: getattr(obj, f.name)[idx] for f in dataclasses.fields(obj)})
 
 
-def concat(objs: list):
-    """Concatenate dataclasses of one type along the clip dimension."""
-    first = objs[0]
-    return dataclasses.replace(first, **{f.name: torch.cat([getattr(o, f.name) for o in objs]) for f in dataclasses.fields(first)})
-
-
 def to_device(obj, device: torch.device | str):
     return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).to(device) for f in dataclasses.fields(obj)})
 
@@ -214,7 +201,7 @@ def _sprites(atlas: PhotoAtlas, app: Appearance, poses: Poses, scr: torch.Tensor
     ay, by = -sin * asp / s, cos * asp / s
     cx = -(ax * p[..., 0] + bx * p[..., 1])
     cy = -(ay * p[..., 0] + by * p[..., 1])
-    e4 = lambda t: t[..., None, None]  # noqa: E731  (N, T) -> (N, T, 1, 1)
+    e4 = lambda t: t[..., None, None]
     lx = torch.addcmul(torch.addcmul(e4(cx), e4(bx), Y), e4(ax), X)  # (N, T, H, W)
     ly = torch.addcmul(torch.addcmul(e4(cy), e4(by), Y), e4(ay), X)
     px = (2.0 / max(H, W)) / (s * torch.minimum(asp, 1 / asp))  # one pixel in local units, (N, T)
@@ -266,7 +253,7 @@ def render(atlas: PhotoAtlas, app: Appearance, poses: Poses, height: int, width:
     X, Y = scr[..., 0], scr[..., 1]
 
     # background: photo coordinates = c + e * R(r) * screen
-    e4 = lambda t: t[..., None, None]  # noqa: E731  (B, T) -> (B, T, 1, 1)
+    e4 = lambda t: t[..., None, None]
     ec, es = poses.cam_e * torch.cos(poses.cam_r), poses.cam_e * torch.sin(poses.cam_r)
     u = torch.addcmul(torch.addcmul(e4(poses.cam_c[..., 0]), e4(-es), Y), e4(ec), X)  # (B, T, H, W)
     v = torch.addcmul(torch.addcmul(e4(poses.cam_c[..., 1]), e4(ec), Y), e4(es), X)
@@ -287,17 +274,3 @@ def render(atlas: PhotoAtlas, app: Appearance, poses: Poses, height: int, width:
     gx, gy = poses.light_grad[..., 0], poses.light_grad[..., 1]
     light = torch.addcmul(torch.addcmul(e4(poses.light_g), e4(poses.light_g * gy), Y), e4(poses.light_g * gx), X)
     return (img * light.unsqueeze(2)).clamp(0, 1)
-
-
-def static_poses(app: Appearance, times: torch.Tensor) -> Poses:
-    """Poses of a scene where nothing moves: camera centred (extent 1), sprites at the origin, size 0.2."""
-    B, T = times.shape
-    K = app.sprites
-    dev = times.device
-    z = torch.zeros(B, T, device=dev)
-    zk = torch.zeros(B, K, T, device=dev)
-    return Poses(
-        cam_c=torch.zeros(B, T, 2, device=dev), cam_e=z + 1, cam_r=z,
-        spr_p=torch.zeros(B, K, T, 2, device=dev), spr_theta=zk, spr_s=zk + 0.2, spr_vis=zk + 1, spr_gain=zk + 1,
-        light_g=z + 1, light_grad=torch.zeros(B, T, 2, device=dev),
-    )
