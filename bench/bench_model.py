@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
+from bbf_rt import ops
 from bbf_rt.config import RuntimeConfig, get_preset
 from bbf_rt.model import BBFModel
 from bbf_rt.model.dit import build_dit
 from bbf_rt.model.flops import dit_flops
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
+from bbf_rt.runtime.graphs import CUDAGraphDenoiser
 
 
 def _times(fn, warmup: int = 3, reps: int = 10) -> list[float]:
@@ -61,7 +63,7 @@ def base_row(name: str) -> dict:
     }
 
 
-def dit_step(preset: str, frames: int, h: int, w: int, text_len: int, ceiling: float) -> dict:
+def dit_step(preset: str, frames: int, h: int, w: int, text_len: int, ceiling: float, impl: str = "auto") -> dict:
     cfg = get_preset(preset)
     torch.manual_seed(0)
     model = build_dit(cfg, device="cuda", dtype=torch.bfloat16).eval()
@@ -75,13 +77,14 @@ def dit_step(preset: str, frames: int, h: int, w: int, text_len: int, ceiling: f
     )
     # analytic count (bbf_rt.model.flops): FlopCounterMode misses SDPA backends, the largest term here
     flops = dit_flops(cfg, frames, (h // 2) * (w // 2), {"text": text_len})
-    with torch.no_grad():
+    with torch.no_grad(), ops.implementation(impl):
         torch.cuda.reset_peak_memory_stats()
         ts = _times(lambda: model(**kw), 2, 5)
     tokens = frames * (h // 2) * (w // 2)
     p50 = _pct(ts, 0.5)
     return {
-        **base_row("dit_step"), "backend": "eager", "preset": preset, "dtype": "bf16",
+        **base_row("dit_step"), "backend": "eager-kernels" if impl == "auto" else "eager-reference",
+        "preset": preset, "dtype": "bf16",
         "shape": {"frames": frames, "latent_hw": [h, w], "tokens": tokens, "text_len": text_len},
         "p20_ms": _pct(ts, 0.2), "p50_ms": p50, "p80_ms": _pct(ts, 0.8), "gflop": flops / 1e9,
         "tflops": flops / (p50 * 1e-3) / 1e12, "ceiling_tflops": ceiling,
@@ -90,10 +93,12 @@ def dit_step(preset: str, frames: int, h: int, w: int, text_len: int, ceiling: f
     }
 
 
-def bbfs_720p(batch: int, steps: int, ceiling: float) -> dict:
+def bbfs_720p(batch: int, steps: int, ceiling: float, variant: str) -> dict:
+    """variant: eager-reference | eager-kernels | graphs (kernels + one CUDA graph per step)."""
     torch.manual_seed(0)
     model = BBFModel(get_preset("bbf-s")).to("cuda", torch.bfloat16).eval()
-    eng = Engine(model, RuntimeConfig(steps=steps), torch.device("cuda"), torch.bfloat16)
+    den = CUDAGraphDenoiser(model.dit) if variant == "graphs" else None
+    eng = Engine(model, RuntimeConfig(steps=steps), torch.device("cuda"), torch.bfloat16, denoiser=den)
     H, W = 720, 1280
     frames = torch.randint(0, 256, (batch + 1, H, W, 3), dtype=torch.uint8, device="cuda")
 
@@ -105,12 +110,13 @@ def bbfs_720p(batch: int, steps: int, ceiling: float) -> dict:
         out = eng.run(jobs, Conditions(), H, W)
         return eng.decode(torch.stack([o[0] for o in out]), H, W)
 
-    with torch.no_grad():
+    with torch.no_grad(), ops.implementation("reference" if variant == "eager-reference" else "auto"):
+        ref = once()
         torch.cuda.reset_peak_memory_stats()
-        ts = _times(once, 2, 5)
+        ts = _times(once, 2, 10)
     p50 = _pct(ts, 0.5)
     return {
-        **base_row("bbfs_720p_2x"), "backend": "eager", "preset": "bbf-s", "dtype": "bf16",
+        **base_row("bbfs_720p_2x"), "backend": variant, "output_checksum": int(ref.astype("int64").sum()), "preset": "bbf-s", "dtype": "bf16",
         "shape": {"batch": batch, "steps": steps, "size": [W, H]}, "p20_ms": _pct(ts, 0.2), "p50_ms": p50,
         "p80_ms": _pct(ts, 0.8), "frames_per_s": batch / (p50 * 1e-3),
         "note": "includes VAE encode of batch+1 frames, denoise, VAE decode, host copy",
@@ -127,10 +133,12 @@ def main() -> None:
     rows = []
     for p in a.presets.split(","):
         if p == "bbf-s":
-            rows.append(dit_step("bbf-s", 1, 90, 160, 16, ceiling))  # 720p, one target frame (3,600 tokens)
-            rows += [bbfs_720p(b, 2, ceiling) for b in (1, 4)]
+            for impl in ("reference", "auto"):
+                rows.append(dit_step("bbf-s", 1, 90, 160, 16, ceiling, impl))  # 720p, one target frame (3,600 tokens)
+            rows += [bbfs_720p(b, 2, ceiling, v) for b in (1, 4) for v in ("eager-reference", "eager-kernels", "graphs")]
         elif p == "wan-1.3b":
-            rows.append(dit_step("wan-1.3b", 21, 60, 104, 512, ceiling))  # 480p x 81 frames: 32,760 tokens
+            for impl in ("reference", "auto"):
+                rows.append(dit_step("wan-1.3b", 21, 60, 104, 512, ceiling, impl))  # 480p x 81 frames: 32,760 tokens
         elif p == "wan-14b":
             rows.append(dit_step("wan-14b", 21, 60, 104, 512, ceiling))
         torch.cuda.empty_cache()
