@@ -190,6 +190,10 @@ class ExportConfig:
     opset: int = 18
     trt_workspace_gib: float = 8.0
     trt_strongly_typed: bool = True  # precision from the graph's types; False = fp32 graph + fp16/bf16 builder flags
+    # ops compiled into a CUDA AOTInductor package: "reference" (Inductor generates the kernels, attention
+    # through aten SDPA) or "auto" (our Triton kernels via torch.library.triton_op; crashed at load/first
+    # call on the H100 with torch 2.11, see docs/export.md). CPU packages always use the references.
+    aoti_ops: str = "reference"
 
     def __post_init__(self) -> None:
         if self.target not in EXPORT_TARGETS:
@@ -216,6 +220,8 @@ class ExportConfig:
         object.__setattr__(self, "shapes", tuple((n, *full[n]) for n in SHAPE_DIMS))
         if self.opset < 17:
             raise BBFInputError(f"export opset {self.opset} is too old; scaled_dot_product_attention needs >= 17")
+        if self.aoti_ops not in ("reference", "auto"):
+            raise BBFInputError(f"aoti_ops={self.aoti_ops!r} is not one of ('reference', 'auto')")
         if self.trt_workspace_gib <= 0:
             raise BBFInputError(f"trt_workspace_gib={self.trt_workspace_gib} must be > 0")
 

@@ -8,7 +8,6 @@ Expand (ones * dim instead of ones * (dim + 1)), so a key mask repeated per toke
 and context branches) fails at run time for every size except the one it was traced at. Ours repeats
 along a new axis after `dim`, then folds it into `dim`.
 """
-from typing import Optional
 
 import torch
 from onnxscript import opset18 as op
@@ -16,7 +15,7 @@ from onnxscript.onnx_types import TensorType
 
 
 def repeat_interleave_self_int(
-    self: TensorType, repeats: int, dim: Optional[int] = None, output_size: Optional[int] = None,
+    self: TensorType, repeats: int, dim: int | None = None, output_size: int | None = None,
 ) -> TensorType:
     """x.repeat_interleave(r, dim): (.., n, ..) -> (.., n * r, ..), each element r times in a row."""
     if dim is None:

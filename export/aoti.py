@@ -2,9 +2,11 @@
 
 The package holds the generated C++/CUDA code, the compiled Triton kernels and the weights (mmapped
 from the shared library above 2 GB), so `load_package` needs only torch: not bbf_rt.model, not the
-Python source of the DiT. On CUDA the model is exported with the ops' default implementation, so the
-Triton kernels registered with `torch.library.triton_op` are compiled into the package; if torch.export
-cannot trace them the export falls back to the eager references (one warning naming the reason).
+Python source of the DiT. By default the eager reference ops are exported and Inductor generates
+the kernels (attention stays aten SDPA: flash attention on the GPU). With ExportConfig.aoti_ops="auto" on
+CUDA, our Triton kernels (registered with `torch.library.triton_op`) are compiled in instead; if
+torch.export cannot trace them the export falls back to the references (one warning naming why).
+That path built on the H100 (torch 2.11) but the process died at load or first call, so it is opt-in.
 """
 from __future__ import annotations
 
@@ -18,29 +20,18 @@ from bbf_rt import ops
 log = logging.getLogger(__name__)
 
 
-def size_oblivious():
-    """torch.export's size-oblivious reasoning: guards assume a dynamic size is not 0 or 1 instead of
-    proving it. The DiT's reshapes by frame count (L // F tokens per frame) otherwise send sympy into
-    minutes of case analysis (28 s for the tiny audio branch alone, 6 s with this); every size of 1 is
-    then covered by the parity tests, which run batch = frames = 1."""
-    import torch.fx.experimental._config as fx_config
-
-    return fx_config.patch(backed_size_oblivious=True)
-
-
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, mode: str):
-    with ops.implementation(mode), torch.no_grad(), size_oblivious():
+    with ops.implementation(mode), torch.no_grad():
         return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def compile_package(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: tuple, path: Path) -> dict:
+def compile_package(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dynamic_shapes: tuple, path: Path,
+                    mode: str = "reference") -> dict:
     """torch.export(module, args) -> AOTInductor package at `path`; returns facts for the manifest
-    (ops implementation used, export and compile seconds)."""
+    (ops implementation used, export and compile seconds). mode: "reference" or "auto" (Triton ops)."""
     import time
 
     module = module.eval()
-    on_gpu = args[0].is_cuda
-    mode = "auto" if on_gpu else "reference"
     facts: dict = {"ops": mode}
     t0 = time.perf_counter()
     try:

@@ -12,15 +12,22 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
+from bbf_rt.export import signature as sig
+from bbf_rt.export.cache import (
+    Artifact,
+    ArtifactCache,
+    device_info,
+    make_key,
+    versions,
+    weights_sha256,
+)
 
 from bbf_rt.config import ExportConfig
 from bbf_rt.errors import BackendUnavailableError, BBFInputError
-from bbf_rt.export import signature as sig
-from bbf_rt.export.cache import Artifact, ArtifactCache, device_info, make_key, versions, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ def denoiser_key(dit: torch.nn.Module, ecfg: ExportConfig, device: torch.device,
     extra: dict = {"opset": ecfg.opset}
     dev = {"name": "portable", "capability": "onnx"}
     if ecfg.target == "aoti":
-        dev, extra = device_info(device), {"ops": "auto" if device.type == "cuda" else "reference"}
+        dev, extra = device_info(device), {"ops": ecfg.aoti_ops if device.type == "cuda" else "reference"}
     elif ecfg.target == "tensorrt":
         dev = device_info(device)
         extra["tensorrt"] = {"strongly_typed": ecfg.trt_strongly_typed, "workspace_gib": ecfg.trt_workspace_gib}
@@ -123,9 +130,13 @@ def export_denoiser(
         from bbf_rt.export.aoti import compile_package
 
         module = sig.Denoiser(_at(dit, sig.DTYPES[ecfg.precision], dev), ecfg.modalities)
-        args = sig.example_inputs(dit.cfg, ecfg, dev)
+        # on a GPU, trace at the profile's opt shape: Inductor picks kernel configs from these size hints
+        sizes = sig.example_sizes(dit.cfg, ecfg, at_opt=dev.type == "cuda")
+        args = sig.example_inputs(dit.cfg, ecfg, dev, sizes)
         dyn = sig.torch_export_dynamic_shapes(dit.cfg, ecfg)
-        return sig_facts(ecfg) | {"inputs": list(module.names), "outputs": [sig.OUTPUT]} | compile_package(module, args, dyn, path)
+        mode = ecfg.aoti_ops if dev.type == "cuda" else "reference"
+        facts = compile_package(module, args, dyn, path, mode)
+        return sig_facts(ecfg) | {"inputs": list(module.names), "outputs": [sig.OUTPUT], "example_sizes": sizes} | facts
 
     return store.get_or_build(key, ".pt2", build_aoti)
 

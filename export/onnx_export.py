@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -90,9 +90,7 @@ def _export(module, args, path, input_names, output_names, dynamic_shapes, fallb
     facts: dict = {"exporter": "dynamo", "opset": opset, "static_dims": {}}
     module = module.eval()
     try:
-        from bbf_rt.export.aoti import size_oblivious
-
-        with ops.implementation("reference"), torch.no_grad(), size_oblivious():
+        with ops.implementation("reference"), torch.no_grad():
             prog = torch.onnx.export(
                 module, args, dynamo=True, input_names=input_names, output_names=output_names,
                 dynamic_shapes=dynamic_shapes, opset_version=opset, verbose=False, optimize=True,

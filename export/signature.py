@@ -184,12 +184,22 @@ def shapes_at(cfg: ModelConfig, modalities, sizes: dict[str, int]) -> dict[str, 
     return {n: tuple(sizes[d] if isinstance(d, str) else d for d in lay[n]) for n in input_names(modalities)}
 
 
-def example_sizes(cfg: ModelConfig, ecfg: ExportConfig, fixed: dict[str, int] | None = None) -> dict[str, int]:
-    """Small sizes inside the profile (latent units) for tracing; `fixed` overrides dims (k units)."""
+def example_sizes(cfg: ModelConfig, ecfg: ExportConfig, fixed: dict[str, int] | None = None, at_opt: bool = False) -> dict[str, int]:
+    """Sizes inside the profile (latent units) for tracing: small distinct ones, or (at_opt) the
+    profile's opt with 1 raised to 2 and repeats bumped, since torch.export specialises a size of 1
+    and may equate dims of equal size. `fixed` overrides dims (k units)."""
     dims = latent_dims(cfg, ecfg)
-    out = {}
+    out, used = {}, set()
     for name, r in dims.items():
-        k = (fixed or {}).get(name, r.example(_EXAMPLE_K[name]))
+        if name in (fixed or {}):
+            k = fixed[name]
+        elif at_opt:
+            k = r.example(max(r.opt, 2))
+            while k in used and k < r.hi:
+                k += 1
+        else:
+            k = r.example(_EXAMPLE_K[name])
+        used.add(k)
         out[name] = k * r.mult
     return out
 

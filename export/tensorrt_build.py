@@ -49,7 +49,7 @@ def _file_logger(trt, log_path: Path):
 
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
-            self.fh = open(log_path, "a", encoding="utf-8")
+            self.fh = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (lives as long as the builder)
 
         def log(self, severity, msg) -> None:
             self.fh.write(f"[{severity.name}] {msg}\n")

@@ -21,27 +21,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from media import make_clip
-
-from bbf_rt.cli import main
-from bbf_rt.config import MODALITIES, ExportConfig, RuntimeConfig, get_preset, parse_shapes
-from bbf_rt.errors import BackendUnavailableError, BBFInputError
 from bbf_rt.export import ArtifactCache, export_denoiser, export_vae, load_artifact
 from bbf_rt.export import api as export_api
 from bbf_rt.export import cache as cache_mod
 from bbf_rt.export import signature as sig
+from media import make_clip
+
+from bbf_rt.cli import main
+from bbf_rt.config import (
+    MODALITIES,
+    ExportConfig,
+    RuntimeConfig,
+    get_preset,
+    parse_shapes,
+)
+from bbf_rt.errors import BackendUnavailableError, BBFInputError
 from bbf_rt.io.video import iter_frames
 from bbf_rt.model import BBFModel
 from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
 
 ALL = tuple(MODALITIES)
+# AOTInductor is tested without the audio branch: torch.export's symbolic-shape reasoning over the
+# per-frame audio attention costs ~30 s of sympy on its own (ONNX covers audio)
+AOTI_SET = ("text", "image", "context")
 REL_TOL = 1e-4
 # (batch, frames, latent height, latent width, ...): two resolutions, frame counts and batch sizes
 SIZES = [
-    dict(batch=2, frames=3, height=8, width=10, text=6, image=2, image_height=6, image_width=4, context=4),
-    dict(batch=1, frames=1, height=4, width=6, text=1, image=1, image_height=4, image_width=4, context=1),
-    dict(batch=5, frames=2, height=16, width=12, text=9, image=3, image_height=8, image_width=10, context=2),
+    {"batch": 2, "frames": 3, "height": 8, "width": 10, "text": 6, "image": 2, "image_height": 6, "image_width": 4, "context": 4},
+    {"batch": 1, "frames": 1, "height": 4, "width": 6, "text": 1, "image": 1, "image_height": 4, "image_width": 4, "context": 1},
+    {"batch": 5, "frames": 2, "height": 16, "width": 12, "text": 9, "image": 3, "image_height": 8, "image_width": 10,
+     "context": 2},
 ]
 
 try:
@@ -84,8 +94,8 @@ def onnx_all(model, store):
 
 @pytest.fixture(scope="module")
 def aoti_all(model, store):
-    """The AOTInductor package with every condition branch, default profile (compiled once: ~1 min)."""
-    return export_denoiser(model, ExportConfig(target="aoti", modalities=ALL), cache=store)
+    """The AOTInductor package (text, image, context), default profile (compiled once: ~40 s)."""
+    return export_denoiser(model, ExportConfig(target="aoti", modalities=AOTI_SET), cache=store)
 
 
 def _eager(model, modalities, inputs):
@@ -167,15 +177,15 @@ def test_aoti_package_runs_in_a_fresh_process_without_bbf_rt(model, aoti_all, tm
     from safetensors.torch import load_file, save_file
 
     assert aoti_all.path.suffix == ".pt2" and aoti_all.manifest["build"]["ops"] == "reference"
-    ecfg = ExportConfig(target="aoti", modalities=ALL)
+    ecfg = ExportConfig(target="aoti", modalities=AOTI_SET)
     files, refs = [], []
     for i, sizes in enumerate(SIZES):
         inputs = sig.example_inputs(model.cfg, ecfg, "cpu", sizes)
-        refs.append(_eager(model, ALL, inputs))
+        refs.append(_eager(model, AOTI_SET, inputs))
         files.append(str(tmp_path / f"in{i}.safetensors"))
         save_file({str(j): t.contiguous() for j, t in enumerate(inputs)}, files[-1])
-    proc = subprocess.run([sys.executable, "-c", _LOADER, str(aoti_all.path), *files], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _LOADER, str(aoti_all.path), *files], check=False, capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []  # no bbf_rt module was imported
     for f, ref in zip(files, refs):
@@ -184,7 +194,7 @@ def test_aoti_package_runs_in_a_fresh_process_without_bbf_rt(model, aoti_all, tm
 
 
 # ---- backends in the engine ----------------------------------------------------------------------
-def _engine_run(model, backend, store):
+def _engine_run(model, backend, store, audio=True):
     rt = RuntimeConfig(steps=2, text_scale=2.0)  # two CFG passes: the text mask is all False in one
     den = make_backend(backend, model, torch.device("cpu"), torch.float32, cache=store.root)
     eng = Engine(model, rt, torch.device("cpu"), torch.float32, denoiser=den)
@@ -197,7 +207,7 @@ def _engine_run(model, backend, store):
                       image=lat[3:4][None])
     jobs = [
         DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=eng.difference(pix[i : i + 1], pix[i + 1 : i + 2])[0],
-                   taus=[0.3, 0.7], audio=torch.randn(2, model.cfg.audio_tokens, model.cfg.audio_mels, generator=g),
+                   taus=[0.3, 0.7], audio=torch.randn(2, model.cfg.audio_tokens, model.cfg.audio_mels, generator=g) if audio else None,
                    context=[(lat[i + 2], 2.0), (None, -1.0)])
         for i in range(2)
     ]
@@ -207,8 +217,9 @@ def _engine_run(model, backend, store):
 
 @pytest.mark.parametrize("backend", ["onnx", "aoti"])
 def test_backend_in_engine_matches_eager(model, store, onnx_all, aoti_all, backend):
-    ref_lat, ref_frames, _ = _engine_run(model, "eager", store)
-    lat, frames, den = _engine_run(model, backend, store)
+    audio = backend == "onnx"  # the module's artifacts: ONNX has every branch, AOTI all but audio
+    ref_lat, ref_frames, _ = _engine_run(model, "eager", store, audio)
+    lat, frames, den = _engine_run(model, backend, store, audio)
     assert _rel_err(lat, ref_lat) < REL_TOL
     assert np.abs(frames.astype(int) - ref_frames.astype(int)).max() <= 1
     # the module's artifact was found in the cache, not rebuilt (the key does not depend on call shapes)
