@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     ip.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
     ip.add_argument("--seed", type=int, default=0)
+    ip.add_argument("--disable-cuda-graphs", action="store_true", help="run each step eagerly instead of replaying a CUDA graph")
     ip.add_argument("--backend", default="eager", choices=BACKENDS,
                     help="denoiser implementation; aoti/onnx/tensorrt build or reuse cached artifacts (default eager)")
     ip.add_argument("--scene-threshold", type=_float_arg, default=0.4, help="scene-cut score above which an interval is not interpolated")
@@ -98,6 +99,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     rt = RuntimeConfig(
         steps=a.steps, solver=a.solver, shift=a.shift, text_scale=a.text_scale, audio_scale=a.audio_scale,
         context_frames=a.context, seed=a.seed, batch=a.batch, scene_cut_threshold=a.scene_threshold, dtype=a.dtype,
+        cuda_graphs=not a.disable_cuda_graphs,
     )
     job = dict(
         factor=a.factor, fps=a.fps, prompt=a.prompt, audio=a.audio, reference=a.reference,

@@ -142,6 +142,7 @@ class RuntimeConfig:
     batch: int = 4  # intervals per denoiser call
     scene_cut_threshold: float = 0.4
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
+    cuda_graphs: bool = True  # replay each denoising step as a CUDA graph (CUDA only)
 
     def replace(self, **kw: Any) -> "RuntimeConfig":
         return replace(self, **kw)

@@ -178,14 +178,24 @@ class TensorRTBackend(ArtifactBackend):
         return base.with_dims(**{d: (min(base.dim(d)[0], v), v, max(v, base.dim(d)[1])) for d, v in dims.items()})
 
 
-def make_backend(name: str, model, device: torch.device, dtype: torch.dtype, *, cache: str | Path | None = None) -> Backend:
+def make_backend(
+    name: str, model, device: torch.device, dtype: torch.dtype, *, cache: str | Path | None = None,
+    cuda_graphs: bool = False,
+) -> Backend:
     """The backend `name` (one of BACKENDS) for `model` on device/dtype; artifacts go to `cache`
-    (default $BBF_RT_CACHE or ~/.cache/bbf-rt)."""
+    (default $BBF_RT_CACHE or ~/.cache/bbf-rt). cuda_graphs: on a CUDA device, replay the eager,
+    compile or aoti call as one CUDA graph per shape bucket (bbf_rt.runtime.graphs)."""
     if name not in BACKENDS:
         raise BBFInputError(f"--backend {name!r} is not one of {', '.join(BACKENDS)}")
     if name == "eager":
-        return EagerBackend(model.dit)
-    if name == "compile":
-        return CompileBackend(model.dit)
-    cls = {"onnx": OnnxBackend, "aoti": AOTIBackend, "tensorrt": TensorRTBackend}[name]
-    return cls(model, device, dtype, cache=cache)
+        backend: Backend = EagerBackend(model.dit)
+    elif name == "compile":
+        backend = CompileBackend(model.dit)
+    else:
+        cls = {"onnx": OnnxBackend, "aoti": AOTIBackend, "tensorrt": TensorRTBackend}[name]
+        backend = cls(model, device, dtype, cache=cache)
+    if cuda_graphs and device.type == "cuda" and name in ("eager", "compile", "aoti"):
+        from bbf_rt.runtime.graphs import CUDAGraphDenoiser
+
+        return CUDAGraphDenoiser(backend)
+    return backend

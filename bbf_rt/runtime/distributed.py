@@ -173,7 +173,8 @@ def interpolate_video_parallel(
     _check_paths(in_path, out_path)  # on every rank, so that a bad path fails everywhere, before any collective
     ctx = init_distributed(sp, cfg_parallel, device)
     try:
-        rt = runtime or RuntimeConfig()
+        # collectives and the CFG batch-split hooks are not captured into CUDA graphs (untested there)
+        rt = (runtime or RuntimeConfig()).replace(cuda_graphs=False)
         m = get_model(model, ctx.device, resolve_dtype(rt.dtype, ctx.device))
         hooks = parallelize(m, ctx.mesh)
         try:

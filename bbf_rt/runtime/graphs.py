@@ -89,4 +89,5 @@ class CUDAGraphDenoiser:
         return cap
 
     def describe(self) -> dict:
-        return {"name": self.name, "graphs": len(self.graphs), "captures": self.captures}
+        inner = self.fn.describe() if hasattr(self.fn, "describe") else {"name": type(self.fn).__name__}
+        return {"name": self.name, "inner": inner, "graphs": len(self.graphs), "captures": self.captures}

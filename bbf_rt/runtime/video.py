@@ -124,7 +124,7 @@ def interpolate_video(
             f"model {str(model)!r} has untrained (random) weights, so its frames would be noise, not a result; "
             "pass a trained checkpoint with --model (or --allow-untrained for plumbing tests)"
         )
-    denoiser = make_backend(backend, m, dev, dt)
+    denoiser = make_backend(backend, m, dev, dt, cuda_graphs=rt.cuda_graphs)
     eng = Engine(m, rt, dev, dt, denoiser=denoiser)
     cond = Conditions()
     if prompt is not None and "text" in m.cfg.modalities:
