@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -33,16 +34,6 @@ except ImportError:  # older Triton: pointer loads only
 
 # Under TRITON_INTERPRET=1, torch's wrap_triton hands back the raw interpreted kernel, which cannot run on
 # fake tensors; the op is then an opaque custom op with its own fake impl (bottom of this file).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@triton.jit
-def _rne_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32. Only under TRITON_INTERPRET, whose
-    fp32 -> bf16 cast truncates (the GPU cast rounds to nearest): the tests then see the GPU's numerics."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 LOG2E = 1.4426950408889634
@@ -106,7 +97,7 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, inb,
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if DOT_F32:
-        acc = tl.dot(_rne_bf16(p), v.to(tl.float32), acc)
+        acc = tl.dot(rne_bf16(p), v.to(tl.float32), acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
@@ -172,7 +163,7 @@ def _attn_fwd_ptr(Q, K, V, O, KM, qk_scale, Lq, Lk, H,
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, inb, HAS_MASK, True, DOT_F32)
     out = acc / l_i[:, None]
     if DOT_F32:
-        out = _rne_bf16(out)
+        out = rne_bf16(out)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=(offs_m < Lq)[:, None] & dmask[None, :])
 
@@ -239,7 +230,7 @@ def _attn_fwd_tma(Qd, Kd, Vd, Od, KM, qk_scale, B, Lq, Lk, H,
         acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, inb, HAS_MASK, True, DOT_F32)
     out = acc / l_i[:, None]
     if DOT_F32:
-        out = _rne_bf16(out)
+        out = rne_bf16(out)
     o_desc.store([b, m0, h, 0], out.to(q.dtype).reshape(1, BLOCK_M, 1, D))
 
 

@@ -7,23 +7,14 @@ Mean, variance and the modulation are computed in fp32; the output is cast to x'
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
 
-
-@triton.jit
-def _rne_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32. Only under TRITON_INTERPRET, whose
-    fp32 -> bf16 cast truncates (the GPU cast rounds to nearest): the tests then see the GPU's numerics."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -51,7 +42,7 @@ def _norm_modulate_kernel(X, SHIFT, SCALE, OUT, S, C, F, eps,
     scale = tl.load(SCALE + b * scb + f * scf + cols * scc, mask=cmask, other=0.0).to(tl.float32)
     out = y * (1.0 + scale[None, :]) + shift[None, :]
     if RNE:
-        out = _rne_bf16(out)
+        out = rne_bf16(out)
     tl.store(OUT + b * sob + l[:, None] * sol + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 

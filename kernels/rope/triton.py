@@ -15,16 +15,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
 
-
-@triton.jit
-def _rne_bf16(x):
-    """fp32 -> the nearest bf16 value (ties to even), still as fp32. Only under TRITON_INTERPRET, whose
-    fp32 -> bf16 cast truncates (the GPU cast rounds to nearest): the tests then see the GPU's numerics."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -65,7 +57,7 @@ def _rms_norm_rope_kernel(X, W, COS, SIN, OUT, L, C, eps,
         sn = tl.load(SIN + b * ssb + rows[:, None] * ssl + j[None, :] * ssd, mask=m2, other=0.0)
         out = tl.join(x0 * cs - x1 * sn, x0 * sn + x1 * cs)  # (ROWS, BLOCK_P, 2)
         if RNE:
-            out = _rne_bf16(out)
+            out = rne_bf16(out)
         tl.store(OUT + b * sob + rows[:, None, None] * sol + col[None, :, :], out.to(OUT.dtype.element_ty), mask=m3)
 
 
