@@ -1,7 +1,15 @@
 """bbf-rt: an optimized inference runtime for BBF-style generative video frame interpolation."""
 from __future__ import annotations
 
+from pathlib import Path as _Path
+
 __version__ = "0.1.0"
+
+# In a source checkout (python -m bbf_rt.cli or torchrun from the repo root), kernels/ and export/ sit
+# beside this package rather than inside it, where pyproject's wheel.packages puts them on install.
+_src = _Path(__file__).resolve().parent
+if not (_src / "kernels").is_dir() and (_src.parent / "kernels" / "__init__.py").is_file():
+    __path__.append(str(_src.parent))  # noqa: F821 (the package's own __path__)
 
 
 def interpolate(*args, **kwargs):
