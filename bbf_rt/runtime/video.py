@@ -25,6 +25,7 @@ from bbf_rt.io.video import VideoWriter, iter_frames, probe, read_audio
 from bbf_rt.runtime.api import encode_text, get_model, make_audio_encoder
 from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine, resolve_device, resolve_dtype
+from bbf_rt.runtime.stream import BackgroundWriter, prefetch
 from bbf_rt.runtime.plan import apply_scene_cuts, batch_intervals, intervals, make_plan, output_fps
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def _scan(in_path: str, threshold: float) -> tuple[list[Fraction], set[int]]:
     pts: list[Fraction] = []
     cuts: set[int] = set()
     prev = None
-    for i, (t, frame) in enumerate(iter_frames(in_path)):
+    for i, (t, frame) in enumerate(prefetch(iter_frames(in_path))):
         pts.append(t)
         if prev is not None and is_scene_cut(prev, frame, threshold):
             cuts.add(i - 1)
@@ -159,10 +160,11 @@ def interpolate_video(
 
     bar = tqdm(total=len(plan), unit="frame", disable=not progress, desc="bbf-rt")
     with VideoWriter(out_path, W, H, plan.out_fps, audio_from=in_path if info.has_audio else None) as writer:
+        encoder = BackgroundWriter(writer.write)  # libx264 runs beside the denoising loop
 
         def emit() -> None:
             while state["next"] in ready:
-                writer.write(ready.pop(state["next"]))
+                encoder.submit(ready.pop(state["next"]))
                 state["next"] += 1
                 bar.update(1)
 
@@ -189,31 +191,36 @@ def interpolate_video(
             for o, fr in zip(idx, decoded):
                 ready[o] = fr
 
-        bi = 0
-        decoded = 0
-        for n, (_, frame) in enumerate(iter_frames(in_path)):
-            if n >= n_in:
-                break
-            decoded = n + 1
-            for o in copies.get(n, ()):
-                ready[o] = frame
-            p = eng.to_pixels(frame[None])
-            pix[n], lat[n] = p[0], eng.encode(p)[0]
-            while bi < len(batches) and batches[bi][-1].i + 1 + k <= n:
+        try:
+            bi = 0
+            decoded = 0
+            for n, (_, frame) in enumerate(prefetch(iter_frames(in_path))):
+                if n >= n_in:
+                    break
+                decoded = n + 1
+                for o in copies.get(n, ()):
+                    ready[o] = frame
+                p = eng.to_pixels(frame[None])
+                pix[n], lat[n] = p[0], eng.encode(p)[0]
+                while bi < len(batches) and batches[bi][-1].i + 1 + k <= n:
+                    run_batch(batches[bi])
+                    bi += 1
+                emit()
+                low = (batches[bi][0].i - k) if bi < len(batches) else n
+                for d in [j for j in lat if j < low]:
+                    del lat[d], pix[d]
+            if decoded != n_in:
+                raise BBFInputError(f"{in_path!r} decoded {decoded} frames on the second pass but {n_in} on the first")
+            while bi < len(batches):
                 run_batch(batches[bi])
                 bi += 1
             emit()
-            low = (batches[bi][0].i - k) if bi < len(batches) else n
-            for d in [j for j in lat if j < low]:
-                del lat[d], pix[d]
-        if decoded != n_in:
-            raise BBFInputError(f"{in_path!r} decoded {decoded} frames on the second pass but {n_in} on the first")
-        while bi < len(batches):
-            run_batch(batches[bi])
-            bi += 1
-        emit()
-        if state["next"] != len(plan):
-            raise RuntimeError(f"internal error: wrote {state['next']} of {len(plan)} planned frames")
+            if state["next"] != len(plan):
+                raise RuntimeError(f"internal error: wrote {state['next']} of {len(plan)} planned frames")
+            encoder.finish()  # every frame encoded (or the encoder's error raised) before the file is closed
+        except BaseException:
+            encoder.cancel()  # stop the encoder thread before the writer deletes its temporary file
+            raise
     bar.close()
     n_interp = sum(len(b.taus) for batch in batches for b in batch)
     return {
