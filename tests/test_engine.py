@@ -163,3 +163,15 @@ def test_no_default_model_is_a_clear_error(monkeypatch, tmp_path):
     fr = _frames(2)
     with pytest.raises(BBFInputError, match="no trained default model"):
         bbf_rt.interpolate(fr[0], fr[1], [0.5])
+
+
+def test_cli_info_lists_every_preset_with_its_size(capsys):
+    from bbf_rt.cli import main
+
+    assert main(["info", "--json"]) == 0
+    import json
+
+    rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"tiny", "bbf-s", "wan-1.3b", "wan-14b"}
+    assert rows["bbf-s"]["vae_params"] > 0 and rows["wan-14b"]["vae_params"] == 0
+    assert rows["wan-1.3b"]["dit_params"] > 1_000_000_000

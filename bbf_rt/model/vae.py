@@ -258,9 +258,11 @@ class CompactVAE(VideoVAE):
         self.temporal_stride = 1
         self.encoder = _Encoder(cfg)
         self.decoder = _Decoder(cfg)
-        scale = _per_channel("scale", cfg.scale, cfg.latent_channels)
-        if bool((scale == 0).any()):
+        # checked on the config's numbers, not the tensor: the model may be built on the meta device
+        scales = (cfg.scale,) if isinstance(cfg.scale, (int, float)) else tuple(cfg.scale)
+        if any(float(v) == 0.0 for v in scales):
             raise BBFInputError(f"scale={cfg.scale!r}: every value must be non-zero")
+        scale = _per_channel("scale", cfg.scale, cfg.latent_channels)
         self._register_norm(scale, _per_channel("shift", cfg.shift, cfg.latent_channels))
 
     def encode_frames(self, x: Tensor) -> Tensor:
