@@ -158,12 +158,12 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def _cmd_info(a: argparse.Namespace) -> int:
-    from bbf_rt.config import PRESETS
+    from bbf_rt.config import PRESETS, get_preset
     from bbf_rt.model import BBFModel
     from bbf_rt.model.checkpoint import read_metadata
 
     rows = []
-    if a.model and (a.model.endswith(".safetensors")):
+    if a.model and a.model.endswith(".safetensors"):
         meta = read_metadata(a.model)
         rows.append({"checkpoint": a.model, **{k: (json.loads(v) if k in ("config", "info") else v) for k, v in meta.items()}})
     else:
@@ -171,8 +171,6 @@ def _cmd_info(a: argparse.Namespace) -> int:
 
         names = [a.model] if a.model else list(PRESETS)
         for name in names:
-            from bbf_rt.config import get_preset
-
             cfg = get_preset(name)
             with torch.device("meta"):
                 m = BBFModel(cfg)

@@ -11,16 +11,14 @@ from bbf_rt.errors import BBFInputError, CheckpointError
 from bbf_rt.model import BBFModel, load_model, save_checkpoint
 from bbf_rt.runtime import sampler
 from bbf_rt.runtime.engine import Conditions, Engine, DenoiseJob
+from models import trained_gates
 
 
 def _model(seed=0, gates=True):
     torch.manual_seed(seed)
     m = BBFModel(get_preset("tiny")).eval()
     if gates:  # as if trained: branches active, so guidance and conditions change the output
-        with torch.no_grad():
-            for blk in m.dit.blocks:
-                for br in blk.branches.values():
-                    br.gate.normal_()
+        trained_gates(m.dit)
     return m
 
 

@@ -40,6 +40,7 @@ from bbf_rt.io.video import iter_frames
 from bbf_rt.model import BBFModel
 from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
+from models import trained_gates
 
 ALL = tuple(MODALITIES)
 # AOTInductor is tested without the audio branch: torch.export's symbolic-shape reasoning over the
@@ -65,10 +66,7 @@ except ImportError:
 def _tiny_model(seed: int = 0) -> BBFModel:
     torch.manual_seed(seed)
     m = BBFModel(get_preset("tiny")).eval()
-    with torch.no_grad():
-        for blk in m.dit.blocks:
-            for br in blk.branches.values():
-                br.gate.normal_()  # as if trained: every branch reaches the output
+    trained_gates(m.dit)  # as if trained: every branch reaches the output
     return m
 
 

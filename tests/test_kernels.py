@@ -32,6 +32,7 @@ from bbf_rt.kernels.norm_modulate import triton as nm_tt  # noqa: E402
 from bbf_rt.kernels.rope import reference as rope_ref  # noqa: E402
 from bbf_rt.kernels.rope import triton as rope_tt  # noqa: E402
 from bbf_rt.model.dit import build_dit  # noqa: E402
+from models import trained_gates
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton, Inductor, preset shapes)")
@@ -314,10 +315,7 @@ def test_tiny_model_with_kernels_matches_references():
     cfg = get_preset("tiny")
     torch.manual_seed(0)
     model = build_dit(cfg).to(DEV).eval()
-    g = torch.Generator().manual_seed(5)
-    for blk in model.blocks:  # non-zero gates, as a trained model has: every branch is exercised
-        for br in blk.branches.values():
-            br.gate.copy_(torch.randn(br.gate.shape, generator=g))
+    trained_gates(model, seed=5)  # every branch is exercised
     with ops.implementation("reference"):
         oracle = model(**_model_inputs(cfg, torch.float32)).float()
     low = model.to(torch.bfloat16)

@@ -11,6 +11,7 @@ from bbf_rt.config import MODALITIES, PRESETS, ModelConfig, get_preset
 from bbf_rt.errors import BBFInputError
 from bbf_rt.model.dit import build_dit, patchify, unpatchify
 from bbf_rt.model.embed import boundary_similarity, normalised_difference
+from models import trained_gates
 
 
 def expected_dit_params(c: ModelConfig) -> int:
@@ -81,16 +82,6 @@ def _by_modality(conds, m):
     return {k: v for k, v in conds.items() if k.startswith(m)}
 
 
-def _trained_gates(model, seed=1):
-    """Give every branch a non-zero gate, as training would (a fresh model has zero gates)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for blk in model.blocks:
-            for br in blk.branches.values():
-                br.gate.copy_(torch.randn(br.gate.shape, generator=g))
-    return model
-
-
 @torch.no_grad()
 def test_fresh_model_ignores_conditions_and_trained_gates_do_not():
     cfg = get_preset("tiny")
@@ -99,7 +90,7 @@ def test_fresh_model_ignores_conditions_and_trained_gates_do_not():
     base, conds = _inputs(cfg)
     plain = model(**base)
     assert torch.equal(model(**base, **conds), plain)  # zero gates: exactly the backbone's output
-    _trained_gates(model)
+    trained_gates(model)
     for m in MODALITIES:
         out = model(**base, **_by_modality(conds, m))
         assert (out - plain).abs().max() > 1e-4, f"{m} branch has no effect with a non-zero gate"
@@ -110,7 +101,7 @@ def test_fresh_model_ignores_conditions_and_trained_gates_do_not():
 def test_absent_modality_equals_branch_skipped(modality):
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model = _trained_gates(build_dit(cfg).eval())
+    model = trained_gates(build_dit(cfg).eval())
     base, conds = _inputs(cfg)
     others = {k: v for k, v in conds.items() if not k.startswith(modality)}
     absent = model(**base, **others)
@@ -141,7 +132,7 @@ def test_absent_modality_equals_branch_skipped(modality):
 def test_padded_text_in_batch_equals_separate_calls():
     cfg = get_preset("tiny")
     torch.manual_seed(0)
-    model = _trained_gates(build_dit(cfg).eval())
+    model = trained_gates(build_dit(cfg).eval())
     base, conds = _inputs(cfg)
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False  # sample 1 has a 3-token prompt padded to 5

@@ -28,6 +28,7 @@ from bbf_rt.model import BBFModel
 from bbf_rt.model.dit import build_dit
 from bbf_rt.runtime.distributed import check_degrees, parallelize
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
+from models import trained_gates
 
 TINY = get_preset("tiny")  # 2 heads: SP degree 2
 TINY4 = replace(TINY, name="tiny-4h", heads=4)  # SP degree 4
@@ -38,25 +39,15 @@ HW = (38, 53)  # pixels; padded to 40 x 56 -> 10 x 14 latents -> 5 x 7 = 35 toke
 # ------------------------------------------------------------------------ deterministic models and inputs
 
 
-def _trained_gates(dit, seed=1):
-    """Non-zero branch gates (a fresh model's are zero, which would hide every condition)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for blk in dit.blocks:
-            for br in blk.branches.values():
-                br.gate.copy_(torch.randn(br.gate.shape, generator=g))
-    return dit
-
-
 def _dit(cfg):
     torch.manual_seed(0)
-    return _trained_gates(build_dit(cfg).eval())
+    return trained_gates(build_dit(cfg).eval())
 
 
 def _model():
     torch.manual_seed(0)
     m = BBFModel(TINY).eval()
-    _trained_gates(m.dit)
+    trained_gates(m.dit)
     return m
 
 
