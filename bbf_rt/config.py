@@ -47,6 +47,9 @@ class ModelConfig:
     vae_channel_mult: tuple[int, ...] = (1, 2, 4)
     vae_res_blocks: int = 1
     modalities: tuple[str, ...] = MODALITIES
+    # width of each condition branch's attention (its q/k/v/o and the condition embeddings), a multiple
+    # of head_dim; None = dim (full-width branches, as Wan's cross-attention)
+    branch_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -54,6 +57,8 @@ class ModelConfig:
         hd = self.head_dim
         if hd % 2 or (hd // 6) * 2 % 2 or (hd - 4 * (hd // 6)) % 2 or hd < 12:
             raise BBFInputError(f"ModelConfig head_dim={hd} cannot be split into 3 even RoPE axes")
+        if self.branch_dim is not None and (self.branch_dim <= 0 or self.branch_dim % hd):
+            raise BBFInputError(f"ModelConfig.branch_dim={self.branch_dim} must be a positive multiple of head_dim={hd}")
         bad = [m for m in self.modalities if m not in MODALITIES]
         if bad:
             raise BBFInputError(f"ModelConfig.modalities has unknown {bad}; allowed: {MODALITIES}")
@@ -61,6 +66,14 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.heads
+
+    @property
+    def branch_width(self) -> int:
+        return self.dim if self.branch_dim is None else self.branch_dim
+
+    @property
+    def branch_heads(self) -> int:
+        return self.branch_width // self.head_dim
 
     @property
     def in_channels(self) -> int:
@@ -108,7 +121,8 @@ PRESETS: dict[str, ModelConfig] = {
         audio_tokens=8, vae_base_channels=8, vae_channel_mult=(1, 2),
     ),
     # the embedded default: real-time at 720p, small enough for the repository (<= 40M parameters)
-    "bbf-s": ModelConfig(name="bbf-s", dim=384, depth=8, heads=6, ffn_dim=1536, latent_channels=16),
+    # (14.4M DiT parameters: 29 MiB in bf16; narrow 128-wide condition branches keep the four modalities cheap)
+    "bbf-s": ModelConfig(name="bbf-s", dim=320, depth=8, heads=5, ffn_dim=1280, latent_channels=16, branch_dim=128),
     # Wan2.1 shapes (umt5-xxl text tokens; the Wan 3D VAE is external to the DiT)
     "wan-1.3b": ModelConfig(
         name="wan-1.3b", dim=1536, depth=30, heads=12, ffn_dim=8960, latent_channels=16, text_dim=4096,

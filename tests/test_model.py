@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -17,17 +18,18 @@ from models import trained_gates
 def expected_dit_params(c: ModelConfig) -> int:
     """Parameter count derived by hand from the architecture (not by instantiating it)."""
     d, f, p = c.dim, c.ffn_dim, c.patch[0] * c.patch[1]
+    b = c.dim if c.branch_dim is None else c.branch_dim
     lin = lambda i, o: i * o + o  # noqa: E731
     time_mlp = lin(c.freq_dim, d) + lin(d, d)
     embeds = {"text": c.text_dim, "image": c.latent_channels * p, "audio": c.audio_mels, "context": c.latent_channels * p}
     top = (
         lin(c.in_channels * p, d) + 2 * time_mlp + lin(1, d) + lin(d, 6 * d)
-        + sum(lin(embeds[m], d) + lin(d, d) for m in c.modalities)
-        + (c.audio_tokens * d if "audio" in c.modalities else 0)
+        + sum(lin(embeds[m], b) + lin(b, b) for m in c.modalities)
+        + (c.audio_tokens * b if "audio" in c.modalities else 0)
         + 2 * d + lin(d, c.latent_channels * p)
     )
     self_attn = lin(d, 3 * d) + lin(d, d) + 2 * d
-    branch = 2 * d + lin(d, d) + lin(d, 2 * d) + lin(d, d) + 2 * d + d  # LN, q, kv, o, qk norms, gate
+    branch = 2 * d + lin(d, b) + lin(b, 2 * b) + lin(b, d) + 2 * b + d  # LN, q, kv, o, qk norms, gate
     block = self_attn + len(c.modalities) * branch + lin(d, f) + lin(f, d) + 6 * d
     return top + c.depth * block
 
@@ -40,7 +42,7 @@ def test_preset_parameter_count_on_meta(name):
     assert all(p.device.type == "meta" for p in model.parameters())
     assert n == expected_dit_params(cfg)
     # sanity of the presets' scale: tiny < 1M, bbf-s <= 40M (issue target), Wan shapes in billions
-    bounds = {"tiny": (1e4, 1e6), "bbf-s": (20e6, 40e6), "wan-1.3b": (1.3e9, 2.5e9), "wan-14b": (14e9, 28e9)}
+    bounds = {"tiny": (1e4, 1e6), "bbf-s": (10e6, 16e6), "wan-1.3b": (1.3e9, 2.5e9), "wan-14b": (14e9, 28e9)}
     lo, hi = bounds[name]
     assert lo <= n <= hi
 
@@ -56,6 +58,8 @@ def test_wan_presets_have_wan_shapes():
 def test_bad_config_rejected():
     with pytest.raises(BBFInputError, match="divisible by heads"):
         ModelConfig(name="x", dim=100, depth=1, heads=3, ffn_dim=10)
+    with pytest.raises(BBFInputError, match="branch_dim=48 must be a positive multiple of head_dim=32"):
+        ModelConfig(name="x", dim=64, depth=1, heads=2, ffn_dim=10, branch_dim=48)
     with pytest.raises(BBFInputError, match="unknown"):
         get_preset("nope")
 
@@ -96,10 +100,17 @@ def test_fresh_model_ignores_conditions_and_trained_gates_do_not():
         assert (out - plain).abs().max() > 1e-4, f"{m} branch has no effect with a non-zero gate"
 
 
-@torch.no_grad()
-@pytest.mark.parametrize("modality", MODALITIES)
-def test_absent_modality_equals_branch_skipped(modality):
+def _tiny(narrow: bool) -> ModelConfig:
+    """The tiny preset, or the same with 1-head condition branches narrower than the tokens (as bbf-s)."""
     cfg = get_preset("tiny")
+    return dataclasses.replace(cfg, branch_dim=cfg.head_dim) if narrow else cfg
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("narrow", [False, True], ids=["full-branches", "narrow-branches"])
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_absent_modality_equals_branch_skipped(modality, narrow):
+    cfg = _tiny(narrow)
     torch.manual_seed(0)
     model = trained_gates(build_dit(cfg).eval())
     base, conds = _inputs(cfg)
@@ -198,19 +209,20 @@ def test_difference_embedding_feeds_the_modulation():
     assert torch.equal(model(**dict(base, diff=torch.tensor([0.0]))), model(**dict(base, diff=torch.tensor([-5.0]))))
 
 
-def test_analytic_flops_match_counted_linear_flops():
+@pytest.mark.parametrize("narrow", [False, True], ids=["full-branches", "narrow-branches"])
+def test_analytic_flops_match_counted_linear_flops(narrow):
     """dit_flops = counted matmul FLOPs (torch's FlopCounterMode) + attention's 4*L*Lk*d per layer."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from bbf_rt.model.flops import dit_flops
 
-    cfg = get_preset("tiny")
+    cfg = _tiny(narrow)
     model = build_dit(cfg).eval()
     base, _ = _inputs(cfg, B=1, Fr=3, H=16, W=24)
     text = dict(text=torch.randn(1, 7, cfg.text_dim), text_mask=torch.ones(1, 7, dtype=torch.bool))
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(**base, **text)
     L, d = 3 * 8 * 12, cfg.dim
-    attention = cfg.depth * (4 * L * L * d + 4 * L * 7 * d)
+    attention = cfg.depth * (4 * L * L * d + 4 * L * 7 * cfg.branch_width)
     counted = fc.get_total_flops() + attention  # the timestep/timestamp MLPs (<1% here) are left out
     assert abs(dit_flops(cfg, 3, 96, {"text": 7}) - counted) / counted < 0.01

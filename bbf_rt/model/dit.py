@@ -72,15 +72,17 @@ class SelfAttention(nn.Module):
 class CrossAttentionBranch(nn.Module):
     """One decoupled condition branch: its own norm, projections, QK norms and a zero-initialised gate."""
 
-    def __init__(self, dim: int, heads: int, eps: float) -> None:
+    def __init__(self, dim: int, inner: int, heads: int, eps: float) -> None:
+        """dim: the token width; inner: the branch's attention width (heads x head_dim); condition
+        tokens arrive already embedded to `inner`."""
         super().__init__()
         self.heads, self.eps = heads, eps
         self.norm = nn.LayerNorm(dim, eps=eps)
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.o = nn.Linear(dim, dim)
-        self.norm_q = nn.Parameter(torch.ones(dim))
-        self.norm_k = nn.Parameter(torch.ones(dim))
+        self.q = nn.Linear(dim, inner)
+        self.kv = nn.Linear(inner, 2 * inner)
+        self.o = nn.Linear(inner, dim)
+        self.norm_q = nn.Parameter(torch.ones(inner))
+        self.norm_k = nn.Parameter(torch.ones(inner))
         # zero gate: a fresh branch leaves the backbone's output unchanged (keeps what it learnt)
         self.gate = nn.Parameter(torch.zeros(dim))
 
@@ -94,12 +96,14 @@ class CrossAttentionBranch(nn.Module):
         rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
         frames: int = 1,
     ) -> torch.Tensor:
-        """x: (B, L, C) tokens; cond: (B*frames, Lk, C) embedded condition tokens; key_mask:
+        """x: (B, L, C) tokens; cond: (B*frames, Lk, inner) embedded condition tokens; key_mask:
         (B*frames, Lk) bool; present: (B, frames) float, 0 where the sample (frame) has no such
         condition. With frames > 1 each frame's L/frames tokens attend only to their own Lk tokens."""
-        B, L, C = x.shape
-        H, D = self.heads, C // self.heads
+        B, L, _ = x.shape
+        H = self.heads
         q = self.q(self.norm(x))
+        C = q.shape[-1]
+        D = C // H
         k, v = self.kv(cond).chunk(2, dim=-1)
         if rope_q is not None and rope_k is not None:
             q = ops.rms_norm_rope(q, self.norm_q, rope_q[0], rope_q[1], H, self.eps)
@@ -120,7 +124,9 @@ class Block(nn.Module):
         d = cfg.dim
         self.eps = cfg.eps
         self.self_attn = SelfAttention(d, cfg.heads, cfg.eps)
-        self.branches = nn.ModuleDict({m: CrossAttentionBranch(d, cfg.heads, cfg.eps) for m in cfg.modalities})
+        self.branches = nn.ModuleDict(
+            {m: CrossAttentionBranch(d, cfg.branch_width, cfg.branch_heads, cfg.eps) for m in cfg.modalities}
+        )
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.randn(6, d) / d**0.5)
 
@@ -157,9 +163,10 @@ class BBFDiT(nn.Module):
         self.time_proj = nn.Linear(d, 6 * d)
         self.rope = Rope3D(cfg.rope_split(), cfg.rope_theta, cfg.rope_time_scale)
         embed_in = {"text": cfg.text_dim, "image": C * p, "audio": cfg.audio_mels, "context": C * p}
-        self.embed = nn.ModuleDict({m: MLPEmbed(embed_in[m], d) for m in cfg.modalities})
+        bw = cfg.branch_width
+        self.embed = nn.ModuleDict({m: MLPEmbed(embed_in[m], bw) for m in cfg.modalities})
         if "audio" in cfg.modalities:
-            self.audio_pos = nn.Parameter(torch.randn(cfg.audio_tokens, d) * 0.02)
+            self.audio_pos = nn.Parameter(torch.randn(cfg.audio_tokens, bw) * 0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.head_modulation = nn.Parameter(torch.randn(2, d) / d**0.5)
         self.head = nn.Linear(d, C * p)
@@ -228,9 +235,9 @@ class BBFDiT(nn.Module):
             )
         if audio is not None and audio_mask is not None and "audio" in self.embed:
             la = audio.shape[2]
-            a = self.embed["audio"](audio.to(dt)) + self.audio_pos[:la]  # (B, F, La, dim)
+            a = self.embed["audio"](audio.to(dt)) + self.audio_pos[:la]  # (B, F, La, branch width)
             conds["audio"] = dict(
-                cond=a.reshape(B * Fr, la, cfg.dim),
+                cond=a.reshape(B * Fr, la, cfg.branch_width),
                 key_mask=audio_mask.reshape(B * Fr, 1).expand(B * Fr, la),
                 present=audio_mask,
                 frames=Fr,

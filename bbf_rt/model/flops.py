@@ -15,7 +15,7 @@ def dit_flops(cfg: ModelConfig, frames: int, tokens_per_frame: int, cond_tokens:
     cond_tokens: condition tokens per present modality, e.g. {"text": 512}; for "audio" give the tokens
     per frame window (audio attends per frame); absent modalities are skipped, as in the model.
     """
-    d, f = cfg.dim, cfg.ffn_dim
+    d, f, b = cfg.dim, cfg.ffn_dim, cfg.branch_width
     p = cfg.patch[0] * cfg.patch[1]
     L = frames * tokens_per_frame
     lin = lambda n, i, o: 2 * n * i * o  # noqa: E731
@@ -25,8 +25,8 @@ def dit_flops(cfg: ModelConfig, frames: int, tokens_per_frame: int, cond_tokens:
         if name not in cfg.modalities:
             continue
         keys = n * frames if name == "audio" else n  # audio: each frame's own window
-        attn = 4 * L * n * d if name == "audio" else 4 * L * keys * d
-        per_block += lin(L, d, d) * 2 + lin(keys, d, 2 * d) + attn
+        attn = 4 * L * n * b if name == "audio" else 4 * L * keys * b
+        per_block += lin(L, d, b) + lin(L, b, d) + lin(keys, b, 2 * b) + attn
         din = {"text": cfg.text_dim, "audio": cfg.audio_mels}.get(name, cfg.latent_channels * p)
-        top += lin(keys, din, d) + lin(keys, d, d)
+        top += lin(keys, din, b) + lin(keys, b, b)
     return batch * (top + cfg.depth * per_block)
