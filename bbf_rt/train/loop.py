@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -29,7 +30,7 @@ import torch
 
 from bbf_rt import ops
 from bbf_rt.config import ModelConfig, get_preset
-from bbf_rt.errors import BBFInputError, CheckpointError
+from bbf_rt.errors import BBFError, BBFInputError, CheckpointError
 from bbf_rt.model import BBFModel, save_checkpoint
 from bbf_rt.runtime.engine import resolve_device
 from bbf_rt.train import curriculum
@@ -368,6 +369,9 @@ def train(stage: str, minutes: float, out: str | os.PathLike, resume: str | os.P
         step_s = dt if tr.global_step - first <= 2 else max(dt, 0.9 * step_s)
         if progress is not None and (tr.global_step % 50 == 0 or tr.global_step - first <= 3):
             progress(json.dumps({"step": tr.global_step, "stage": stage, **{k: round(v, 5) for k, v in stats.items()}}))
+        if not math.isfinite(stats.get("loss", 0.0)):  # stop at once: no state is saved, the last good one stays
+            raise BBFError(f"stage {stage}: non-finite loss {stats.get('loss')} at global step {tr.global_step}; "
+                           f"stopped without saving (the newest state in {out} is the last good one)")
         if time.monotonic() - last_save > 60.0 * cfg.save_minutes:
             a = time.monotonic()
             tr.save(out)

@@ -17,11 +17,12 @@ def attention(
     PyTorch's SDPA at the input precision (fp32 softmax inside the fused backends).
     """
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D)
-    mask = None
-    if key_mask is not None:
-        # finite large negative instead of -inf: fully masked rows stay finite (see docstring)
-        neg = torch.finfo(q.dtype).min / 2
-        mask = torch.zeros(key_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~key_mask, neg)
-        mask = mask[:, None, None, :]  # (B, 1, 1, Lk)
-    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2)
+    if key_mask is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, scale=scale).transpose(1, 2)
+    # a boolean mask, never a huge additive bias: bf16 autocast on CUDA turned a finite -1.7e38 bias into
+    # NaN for fully masked rows. Those rows attend to every key here and are replaced by V's mean below.
+    empty = ~key_mask.any(-1)  # (B,)
+    mask = (key_mask | empty[:, None])[:, None, None, :]  # (B, 1, 1, Lk)
+    out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
+    uniform = v.mean(dim=1, keepdim=True).to(out.dtype)  # (B, 1, H, D)
+    return torch.where(empty[:, None, None, None], uniform, out)
