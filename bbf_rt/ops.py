@@ -12,9 +12,12 @@ from typing import Iterator
 
 import torch
 
+from bbf_rt.config import ATTENTION_MODES
 from bbf_rt.errors import BBFInputError
 from bbf_rt.kernels.attention import reference as _attn_ref
+from bbf_rt.kernels.fp8_linear import reference as _fp8_ref
 from bbf_rt.kernels.gated_residual import reference as _gr_ref
+from bbf_rt.kernels.int8_attention import reference as _i8_ref
 from bbf_rt.kernels.norm_modulate import reference as _nm_ref
 from bbf_rt.kernels.rope import reference as _rope_ref
 
@@ -39,6 +42,29 @@ def implementation(mode: str) -> Iterator[None]:
 
 def current_implementation() -> str:
     return _mode
+
+
+# attention precisions (bbf_rt.config.ATTENTION_MODES): exact (bf16/fp16 as given), int8 (int8 Q K^T, P V in
+# the input dtype), int8-fp8 (int8 Q K^T, e4m3 P V); see kernels/int8_attention
+_attention_mode = "exact"
+
+
+@contextlib.contextmanager
+def attention_mode(mode: str) -> Iterator[None]:
+    """Within the block, `attention` runs at precision `mode` (one of ATTENTION_MODES). CUDA graphs
+    captured and torch.compile graphs traced inside the block keep it."""
+    global _attention_mode
+    if mode not in ATTENTION_MODES:
+        raise BBFInputError(f"attention mode {mode!r} is not one of {ATTENTION_MODES}")
+    prev, _attention_mode = _attention_mode, mode
+    try:
+        yield
+    finally:
+        _attention_mode = prev
+
+
+def current_attention_mode() -> str:
+    return _attention_mode
 
 
 def _triton_module(name: str, x: torch.Tensor):
@@ -67,8 +93,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
     """Scaled dot-product attention. q: (B, Lq, H, D); k, v: (B, Lk, H, D); key_mask: (B, Lk) bool.
 
     The Triton kernel takes bf16/fp16 with head dims that are multiples of 8 up to 256; other inputs
-    (fp32 above all) run the reference, with one logged warning.
+    (fp32 above all) run the reference, with one logged warning. Inside `attention_mode("int8")` (or
+    "int8-fp8") the 8-bit kernel runs instead (`int8_attention`).
     """
+    if _attention_mode != "exact":
+        return int8_attention(q, k, v, key_mask, pv="fp8" if _attention_mode == "int8-fp8" else "bf16")
     mod = _triton_module("attention", q)
     if mod is not None:
         D = q.shape[-1]
@@ -108,3 +137,48 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     if mod is not None:
         return mod.gated_residual(x, y, gate)
     return _gr_ref.gated_residual(x, y, gate)
+
+
+def int8_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, pv: str = "bf16",
+) -> torch.Tensor:
+    """SageAttention-style attention: K smoothed, Q (per token) and K (per key tile) in int8, P V in the
+    input dtype (pv="bf16") or e4m3 (pv="fp8"). Shapes as `attention`. The kernel takes bf16/fp16 with
+    head dims 32, 64, 128; other inputs run the (query-chunked) reference, with one logged warning."""
+    mod = _triton_module("int8_attention", q)
+    if mod is not None:
+        why = mod.unsupported(q, pv)
+        if why is None:
+            return mod.attention(q, k, v, key_mask, pv=pv)
+        _fallback("int8_attention", why)
+    return _i8_ref.int8_attention(q, k, v, key_mask, pv=pv)
+
+
+def fp8_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    gelu: bool = False, fast_accum: bool = True,
+) -> torch.Tensor:
+    """quantise_rows(gelu?(x)) @ dequantise(weight)^T + bias; x (..., K), weight (N, K) float8_e4m3fn with
+    weight_scale (N,) fp32 (kernels/fp8_linear). Returns (..., N) in x's dtype. On the GPU a Triton kernel
+    quantises the rows and cuBLAS multiplies in FP8 (compute capability >= 8.9, K and N multiples of 16);
+    elsewhere the reference dequantises and multiplies in fp32."""
+    mod = _triton_module("fp8_linear", x)
+    if mod is not None:
+        why = mod.supported(x.device)
+        if why is None and (x.shape[-1] % 16 or weight.shape[0] % 16):
+            why = f"shape (K={x.shape[-1]}, N={weight.shape[0]}); the FP8 GEMM needs multiples of 16"
+        if why is None:
+            return mod.fp8_linear(x, weight, weight_scale, bias, gelu=gelu, fast_accum=fast_accum)
+        _fallback("fp8_linear", why)
+    return _fp8_ref.fp8_linear(x, weight, weight_scale, bias, gelu=gelu)
+
+
+def norm_modulate_fp8(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, rms: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """norm_modulate with its rows quantised to e4m3 in the same pass: x (B, L, C), shift/scale (B, F, C)
+    -> (q (B*L, C) float8_e4m3fn, row scale (B*L,) fp32), the input `fp8_linear` quantises to itself."""
+    mod = _triton_module("fp8_linear", x)
+    if mod is not None:
+        return mod.norm_modulate_fp8(x, shift, scale, eps, rms)
+    return _fp8_ref.norm_modulate_quantize(x, shift, scale, eps, rms)

@@ -17,3 +17,16 @@ def rne_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def rne_e4m3(x):
+    """fp32 in [-448, 448] -> the nearest float8 e4m3 value (ties to even), still as fp32. Only under
+    TRITON_INTERPRET, whose fp32 -> fp8 cast truncates (the GPU's cvt.rn rounds to nearest): 3 mantissa
+    bits for normals (|x| >= 2^-6), a 2^-9 grid for subnormals (added to and taken from 1.5 * 2^14, whose
+    fp32 spacing is 2^-9). The cast of the result is then exact."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (x + 24576.0) - 24576.0
+    return tl.where(tl.abs(x) >= 0.015625, normal, sub)
