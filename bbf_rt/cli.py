@@ -10,7 +10,7 @@ import sys
 from fractions import Fraction
 from typing import Sequence
 
-from bbf_rt.config import BACKENDS, EXPORT_TARGETS, PRECISIONS, SHAPE_DIMS
+from bbf_rt.config import ATTENTION_MODES, BACKENDS, EXPORT_TARGETS, PRECISIONS, SHAPE_DIMS
 from bbf_rt.errors import BBFError, BBFInputError
 
 log = logging.getLogger("bbf_rt")
@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
     ip.add_argument("--seed", type=int, default=0)
     ip.add_argument("--disable-cuda-graphs", action="store_true", help="run each step eagerly instead of replaying a CUDA graph")
+    ip.add_argument("--step-cache", type=_float_arg, default=0.0, metavar="T",
+                    help="skip a step whose DiT input changed less than T (accumulated relative L1) since the last computed one; 0 = off")
+    ip.add_argument("--fp8", action="store_true", help="FP8 (e4m3) block linear layers (eager/compile backends; GPU with compute capability >= 8.9)")
+    ip.add_argument("--attention", default="exact", choices=ATTENTION_MODES,
+                    help="attention precision: exact, int8 (int8 QK, P V in the model dtype) or int8-fp8 (e4m3 P V)")
     ip.add_argument("--backend", default="eager", choices=BACKENDS,
                     help="denoiser implementation; aoti/onnx/tensorrt build or reuse cached artifacts (default eager)")
     ip.add_argument("--scene-threshold", type=_float_arg, default=0.4, help="scene-cut score above which an interval is not interpolated")
@@ -89,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--preset", required=True)
     ck.add_argument("-o", "--output", required=True)
     ck.add_argument("--seed", type=int, default=0)
+
+    # its options are bench/bench_e2e.py's own (`bbf-rt bench --help` lists them): main() passes them through
+    sub.add_parser("bench", add_help=False, help="end-to-end ablation benchmark, JSONL rows (bench/bench_e2e.py; source checkout)")
     return p
 
 
@@ -99,7 +107,8 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     rt = RuntimeConfig(
         steps=a.steps, solver=a.solver, shift=a.shift, text_scale=a.text_scale, audio_scale=a.audio_scale,
         context_frames=a.context, seed=a.seed, batch=a.batch, scene_cut_threshold=a.scene_threshold, dtype=a.dtype,
-        cuda_graphs=not a.disable_cuda_graphs,
+        cuda_graphs=not a.disable_cuda_graphs, step_cache=a.step_cache,
+        fp8_linear=a.fp8, attention=a.attention,
     )
     job = dict(
         factor=a.factor, fps=a.fps, prompt=a.prompt, audio=a.audio, reference=a.reference,
@@ -198,11 +207,30 @@ def _cmd_init_checkpoint(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(a: argparse.Namespace) -> int:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_e2e.py"
+    if not path.is_file():
+        raise BBFInputError(f"bbf-rt bench runs bench/bench_e2e.py of a source checkout; there is none at {path}")
+    spec = importlib.util.spec_from_file_location("bbf_rt_bench_e2e", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod.main(a.bench_args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `bbf-rt` console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.bench_args = rest
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="bbf-rt: %(levelname)s: %(message)s")
-    handlers = {"interpolate": _cmd_interpolate, "export": _cmd_export, "info": _cmd_info, "init-checkpoint": _cmd_init_checkpoint}
+    handlers = {"interpolate": _cmd_interpolate, "export": _cmd_export, "info": _cmd_info, "init-checkpoint": _cmd_init_checkpoint,
+                "bench": _cmd_bench}
     try:
         return handlers[args.command](args)
     except BBFError as e:

@@ -157,6 +157,13 @@ class RuntimeConfig:
     scene_cut_threshold: float = 0.4
     dtype: str = "auto"  # auto = bf16 on CUDA, fp32 on CPU
     cuda_graphs: bool = True  # replay each denoising step as a CUDA graph (CUDA only)
+    # step caching (TeaCache-style, bbf_rt.runtime.stepcache): accumulated relative L1 change of the first
+    # block's modulated input below which a step reuses the last velocity; 0 = off
+    step_cache: float = 0.0
+    # reduced precision (bbf_rt.runtime.quant; eager/compile backends): FP8 e4m3 block linears, and
+    # attention "exact", "int8" (SageAttention-style int8 Q K^T, P V in the model dtype) or "int8-fp8"
+    fp8_linear: bool = False
+    attention: str = "exact"
 
     def replace(self, **kw: Any) -> "RuntimeConfig":
         return replace(self, **kw)
@@ -164,6 +171,8 @@ class RuntimeConfig:
 
 #: denoiser implementations (`bbf-rt interpolate --backend`; bbf_rt.runtime.backends)
 BACKENDS: tuple[str, ...] = ("eager", "compile", "aoti", "onnx", "tensorrt")
+#: attention precisions (`RuntimeConfig.attention`, `bbf-rt interpolate --attention`; bbf_rt.ops.attention_mode)
+ATTENTION_MODES: tuple[str, ...] = ("exact", "int8", "int8-fp8")
 #: export targets and artifact precisions (`bbf-rt export --target/--precision`)
 EXPORT_TARGETS: tuple[str, ...] = ("onnx", "tensorrt", "aoti")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")

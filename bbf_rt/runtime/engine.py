@@ -6,6 +6,7 @@ all classifier-free-guidance passes in one batched denoiser call, decodes and cr
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -63,12 +64,21 @@ class Engine:
             raise BBFInputError(f"steps={runtime.steps} must be >= 1")
         if runtime.solver not in sampler.SOLVERS:
             raise BBFInputError(f"solver={runtime.solver!r} is not one of {sorted(sampler.SOLVERS)}")
+        if not (math.isfinite(runtime.step_cache) and runtime.step_cache >= 0):
+            raise BBFInputError(f"step_cache={runtime.step_cache} must be a finite number >= 0 (0 = off)")
         self.model, self.rt, self.device, self.dtype = model, runtime, device, dtype
         self.denoiser = denoiser if denoiser is not None else model.dit
+        if runtime.fp8_linear or runtime.attention != "exact":  # reduced precision (bbf_rt.runtime.quant)
+            from bbf_rt.runtime.quant import wrap_denoiser
+
+            self.denoiser = wrap_denoiser(model, self.denoiser, runtime.fp8_linear, runtime.attention)
         self.cfg = model.cfg
         self.sigmas = sampler.make_sigmas(runtime.steps, shift=runtime.shift)
         scales = {"text": runtime.text_scale, "audio": runtime.audio_scale}
         self.guided, self.scales = sampler.fold_unit_scales(list(GUIDED), [scales[m] for m in GUIDED])
+        # step caching, summed over runs (bbf_rt.runtime.stepcache); the probe is built on first use
+        self.cache_stats = {"steps": 0, "dit_calls": 0, "skipped": 0, "syncs": 0}
+        self._probe = None
 
     # ---- frames <-> latents -------------------------------------------------------------------
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
@@ -133,8 +143,28 @@ class Engine:
             return self.denoiser(x, sigma.to(dev, torch.float32), **kw)  # fp32: sigma feeds sinusoidal features
 
         weights = sampler.cfg_weights([s for _, s in guided]) if K > 1 else None
-        out = sampler.sample(denoise, noise, self.sigmas, solver=self.rt.solver, cfg_weights=weights)
+        cache = self._step_cache(denoise, kw, B) if self.rt.step_cache > 0 and self.rt.steps > 2 else None
+        out = sampler.sample(cache if cache is not None else denoise, noise, self.sigmas, solver=self.rt.solver, cfg_weights=weights)
+        if cache is not None:
+            for k, v in cache.stats().items():
+                self.cache_stats[k] += v
         return list(out.unbind(0))
+
+    def _step_cache(self, denoise, kw: dict, B: int):
+        """A StepCache around `denoise` for one run; its indicator sees the first guidance pass only.
+        With fewer than 3 steps nothing can be skipped (the first and last always run), so run() does
+        not build one and pays no probe."""
+        from bbf_rt.runtime.stepcache import FirstBlockProbe, StepCache
+
+        if self._probe is None:
+            self._probe = FirstBlockProbe(self.model.dit)
+            if self.device.type == "cuda" and self.rt.cuda_graphs:
+                from bbf_rt.runtime.graphs import CUDAGraphDenoiser
+
+                self._probe = CUDAGraphDenoiser(self._probe)  # the probe's ~40 small launches as one replay
+        pass0 = {k: kw[k][:B] for k in ("tau", "z0", "z1", "valid", "diff")}
+        probe = lambda x, sigma: self._probe(x, sigma, **pass0)  # noqa: E731
+        return StepCache(denoise, probe, self.rt.step_cache, self.rt.steps, B)
 
     def _inputs(self, jobs: Sequence[DenoiseJob], cond: Conditions, height: int, width: int) -> dict:
         B, Fr = len(jobs), len(jobs[0].taus)

@@ -228,6 +228,6 @@ def interpolate_video(
         "fps_in": str(info.fps), "fps_out": str(plan.out_fps), "interpolated": n_interp, "scene_cuts": len(cuts),
         "audio_guidance": samples is not None, "text_guidance": cond.text is not None, "model": m.cfg.name,
         "trained": m.trained, "device": str(dev), "dtype": str(dt).replace("torch.", ""), "steps": rt.steps,
-        "backend": denoiser.describe(),
+        "backend": denoiser.describe(), "step_cache": {"threshold": rt.step_cache, **eng.cache_stats},
         "seconds": time.perf_counter() - t_start,
     }
