@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 pytest.importorskip("skimage", reason="the training data needs scikit-image (pip install 'bbf-rt[train]')")
 
-from bbf_rt.errors import BBFInputError, CheckpointError
+from bbf_rt.errors import BBFError, BBFInputError, CheckpointError
 from bbf_rt.train import curriculum
 from bbf_rt.train.ambiguity import AudioSuite, ContextSuite, ImageSuite, TextSuite, all_captions, make_suite
 from bbf_rt.train.batching import TextBank
@@ -256,3 +257,26 @@ def test_psnr_and_ssim_on_known_cases():
     assert torch.allclose(blend[0, :, 0, 0, 0], torch.tensor([0.25, 0.5]))
     with pytest.raises(BBFInputError, match="shapes"):
         psnr(img, img[:, :, :8])
+
+
+def test_decoder_stage_moves_only_the_decoder_and_keeps_the_latent_space(tmp_path):
+    train("1", 1.0, tmp_path / "run", cfg=CFG, max_steps=1)
+    tr = make_trainer(CFG, "decoder", resume=tmp_path / "run")
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    buffers = {n: b.clone() for n, b in tr.model.vae.named_buffers()}
+    for g in tr.opt.param_groups:
+        g["base_lr"] = 1e-3
+    for _ in range(3):
+        stats = tr.step()
+    assert math.isfinite(stats["l1"])
+    moved = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("vae.decoder.") for n in moved), sorted(moved)[:5]
+    assert all(torch.equal(b, buffers[n]) for n, b in tr.model.vae.named_buffers())  # latent shift/scale kept
+
+
+def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch):
+    tr = make_trainer(CFG, "1")
+    monkeypatch.setattr(tr, "step", lambda: {"loss": float("nan")})
+    with pytest.raises(BBFError, match="non-finite loss"):
+        train("1", 1.0, tmp_path / "run", cfg=CFG, trainer=tr)
+    assert not (tmp_path / "run" / "latest.json").exists()

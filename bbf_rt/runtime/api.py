@@ -17,7 +17,7 @@ from bbf_rt.runtime.engine import Conditions, Engine, DenoiseJob, resolve_device
 
 log = logging.getLogger(__name__)
 
-#: where the trained default model ships inside the package (the [default-model] issue provides it)
+#: where the trained default model ships inside the package (docs/training.md says how it was made)
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "bbf-s.safetensors"
 MAX_TIMESTAMPS = 64
 
@@ -25,8 +25,8 @@ MAX_TIMESTAMPS = 64
 def default_model_path() -> Path:
     if not DEFAULT_WEIGHTS.is_file():
         raise BBFInputError(
-            "no trained default model ships with this bbf-rt yet (the embedded bbf-s weights arrive with the "
-            "default-model work); pass a trained checkpoint with --model CHECKPOINT / model=CHECKPOINT"
+            f"no trained default model: the embedded bbf-s weights ({DEFAULT_WEIGHTS}) are missing from this "
+            "installation (reinstall bbf-rt); or pass a trained checkpoint with --model CHECKPOINT / model=CHECKPOINT"
         )
     return DEFAULT_WEIGHTS
 

@@ -34,7 +34,7 @@ class Stage:
     """What one curriculum stage trains, on what data, with which schedule."""
 
     name: str
-    trains: str  # "vae" | "backbone" | "branches"
+    trains: str  # "vae" | "backbone" | "branches" | "decoder"
     lr: float
     warmup: int  # linear learning-rate warmup (steps of this stage)
     lam_start: float = 0.0
@@ -58,6 +58,9 @@ STAGES: dict[str, Stage] = {
     "3": Stage(name="3", trains="branches", lr=3e-4, warmup=200, lam_start=0.5, lam_end=0.5, alpha=0.5, pool=2,
                n_targets=(7,), tau_mode="grid", backbone_lr_mult=0.0, cond_dropout=0.15,
                mix=(("generic", 0.3), ("audio", 0.175), ("text", 0.175), ("context", 0.175), ("image", 0.175))),
+    # the VAE decoder alone, encoder and latent statistics frozen: sharper frames without moving the latent
+    # space the DiT was trained in (any time after stage 1)
+    "decoder": Stage(name="decoder", trains="decoder", lr=2e-4, warmup=100),
 }
 
 

@@ -117,6 +117,8 @@ class Trainer:
         for name, p in self.model.named_parameters():
             if st.trains == "vae":
                 mult = 1.0 if name.startswith("vae.") else 0.0
+            elif st.trains == "decoder":
+                mult = 1.0 if name.startswith("vae.decoder.") else 0.0
             elif name.startswith("vae."):
                 mult = 0.0
             elif st.trains == "branches":
@@ -161,7 +163,7 @@ class Trainer:
     # ---- data and losses ----------------------------------------------------------------------
     def batch(self, step: int) -> dict:
         st, B = self.stage, self.cfg.batch
-        if st.trains == "vae":
+        if st.trains in ("vae", "decoder"):
             return {"stills": self.stills.stills(step, B)}
         lam = curriculum.lam_at(st, step)
         counts = curriculum.source_counts(st.mix, B)
@@ -179,7 +181,8 @@ class Trainer:
     def vae_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         x = batch["stills"] * 2 - 1
         vae = self.model.vae
-        z = vae.encoder(x)
+        with torch.no_grad() if self.stage.trains == "decoder" else contextlib.nullcontext():
+            z = vae.encoder(x)
         xr = vae.decoder(z).float()
         l1 = (xr - x).abs().mean()
         edge = ((xr.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (xr.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
@@ -229,7 +232,7 @@ class Trainer:
         keep = curriculum.dropout_keep(torch.Generator().manual_seed(seed), self.cfg.batch, st.cond_dropout)
         self.model.train()
         with self._autocast(), ops.implementation("reference"):  # reference ops: differentiable everywhere
-            loss, stats = self.vae_loss(batch) if st.trains == "vae" else self.dit_loss(batch, gen, keep)
+            loss, stats = self.vae_loss(batch) if st.trains in ("vae", "decoder") else self.dit_loss(batch, gen, keep)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params(), self.cfg.grad_clip)
         self.opt.step()
