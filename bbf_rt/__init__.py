@@ -5,7 +5,7 @@ from pathlib import Path as _Path
 
 __version__ = "0.1.0"
 
-# In a source checkout (python -m bbf_rt.cli or torchrun from the repo root), kernels/ and export/ sit
+# In a source checkout (python -m bbf_rt.cli or torchrun from the repo root), kernels/, export/ and bench/ sit
 # beside this package rather than inside it, where pyproject's wheel.packages puts them on install.
 _src = _Path(__file__).resolve().parent
 if not (_src / "kernels").is_dir() and (_src.parent / "kernels" / "__init__.py").is_file():

@@ -208,16 +208,14 @@ def _cmd_init_checkpoint(a: argparse.Namespace) -> int:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
-    import importlib.util
-    from pathlib import Path
+    import importlib
 
-    path = Path(__file__).resolve().parent.parent / "bench" / "bench_e2e.py"
-    if not path.is_file():
-        raise BBFInputError(f"bbf-rt bench runs bench/bench_e2e.py of a source checkout; there is none at {path}")
-    spec = importlib.util.spec_from_file_location("bbf_rt_bench_e2e", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
+    # bench/ is installed as bbf_rt.bench (pyproject wheel.packages); a source checkout resolves it
+    # through bbf_rt.__path__, as it does kernels/ and export/
+    try:
+        mod = importlib.import_module("bbf_rt.bench.bench_e2e")
+    except ModuleNotFoundError as e:
+        raise BBFInputError(f"bbf-rt bench needs bench/bench_e2e.py, which this installation lacks ({e})") from e
     return mod.main(a.bench_args)
 
 
