@@ -122,9 +122,15 @@ def export_denoiser(
         return _export_tensorrt(dit, ecfg, store, dev, weights)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BackendUnavailableError(f"device {dev} asked for but no CUDA GPU is available")
-    key = denoiser_key(dit, ecfg, dev, weights)
     if ecfg.target == "onnx":
-        return store.get_or_build(key, ".onnx", _onnx_denoiser_build(dit, ecfg, dev))
+        if ecfg.precision == "bf16":
+            log.warning(
+                "ONNX Runtime's CPU provider has no bf16 kernels for this graph (onnxruntime 1.32: Expand is the first "
+                "missing); the bf16 graph runs only where a provider has them (or through --target tensorrt). To run it "
+                "with ONNX Runtime, export --precision fp16"
+            )
+        return _onnx_denoiser(dit, ecfg, store, dev, weights)
+    key = denoiser_key(dit, ecfg, dev, weights)
 
     def build_aoti(path: Path) -> dict:
         from bbf_rt.export.aoti import compile_package
@@ -141,6 +147,10 @@ def export_denoiser(
     return store.get_or_build(key, ".pt2", build_aoti)
 
 
+def _onnx_denoiser(dit, ecfg: ExportConfig, store: ArtifactCache, dev: torch.device, weights: str | None) -> Artifact:
+    return store.get_or_build(denoiser_key(dit, ecfg, dev, weights), ".onnx", _onnx_denoiser_build(dit, ecfg, dev))
+
+
 def _export_tensorrt(dit, ecfg: ExportConfig, store: ArtifactCache, dev: torch.device, weights: str | None) -> Artifact:
     from bbf_rt.export import tensorrt_build as trtb
 
@@ -149,7 +159,7 @@ def _export_tensorrt(dit, ecfg: ExportConfig, store: ArtifactCache, dev: torch.d
         raise BBFInputError(f"the tensorrt target builds for a CUDA GPU; device {dev} is not one")
     weights = weights or weights_sha256(dit)
     graph_precision = ecfg.precision if ecfg.trt_strongly_typed else "fp32"
-    onnx_art = export_denoiser(dit, ecfg.replace(target="onnx", precision=graph_precision), cache=store, device=dev, weights=weights)
+    onnx_art = _onnx_denoiser(dit, ecfg.replace(target="onnx", precision=graph_precision), store, dev, weights)
     static = onnx_art.manifest["build"].get("static_dims", {})
     ecfg_trt = ecfg.with_dims(**{d: (v, v, v) for d, v in static.items()}) if static else ecfg
     key = denoiser_key(dit, ecfg_trt, dev, weights)
@@ -181,6 +191,11 @@ def export_vae(model, part: str, ecfg: ExportConfig, *, cache: ArtifactCache | s
     vae = getattr(model, "vae", None)
     if vae is None:
         raise BBFInputError(f"model {getattr(model, 'cfg', None) and model.cfg.name!r} has no built-in VAE to export")
+    if ecfg.precision == "bf16" and ecfg.opset < 22:
+        raise BBFInputError(
+            f"VAE export at precision 'bf16', opset {ecfg.opset}: ONNX Conv takes bf16 only from opset "
+            "22, and ONNX Runtime's CPU provider has no bf16 Conv kernel; export the VAE with --precision fp16 or fp32"
+        )
     cfg = model.cfg
     s = vae.spatial_stride
     dev = _device(vae, device)

@@ -26,6 +26,8 @@ from bbf_rt.errors import BackendUnavailableError, BBFInputError
 log = logging.getLogger(__name__)
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bool: np.bool_, torch.int64: np.int64}
+# element types for binding device memory: numpy has no bf16, so it goes as onnx.TensorProto.BFLOAT16 (16)
+_BIND = {**_NP, torch.bfloat16: 16}
 _TWO_GB = 2_000_000_000
 
 
@@ -141,6 +143,14 @@ def ort_providers(device: torch.device) -> list[str]:
     return have + ["CPUExecutionProvider"]
 
 
+def _has_bf16_inputs(path: str | Path) -> bool:
+    """Whether the graph at `path` takes a bf16 tensor (read without its weights)."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in graph.input)
+
+
 class OrtRunner:
     """An ONNX Runtime session called with torch tensors in the graph's input order; returns the first
     output as a torch tensor on `device`. CUDA inputs are bound in place (no host copies)."""
@@ -154,7 +164,16 @@ class OrtRunner:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.providers = ort_providers(self.device)
-        self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=self.providers)
+        except Exception as e:  # ORT's pybind errors (InvalidGraph, NotImplemented, Fail) share no base but Exception
+            if _has_bf16_inputs(path):
+                raise BackendUnavailableError(
+                    f"ONNX Runtime ({', '.join(self.providers)}) cannot run the bf16 graph {path}: {_first_line(e)}. "
+                    "Export it with --precision fp16 (ExportConfig(precision='fp16'); the onnx backend does this itself "
+                    "when the engine runs bf16), or build a TensorRT engine from it (--target tensorrt, on a GPU)"
+                ) from e
+            raise
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_name = self.session.get_outputs()[0].name
         self.on_gpu = self.session.get_providers()[0] != "CPUExecutionProvider"
@@ -162,10 +181,14 @@ class OrtRunner:
     def __call__(self, *inputs: torch.Tensor, out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if len(inputs) != len(self.input_names):
             raise BBFInputError(f"ONNX graph takes {len(self.input_names)} inputs {self.input_names}; got {len(inputs)}")
+        bound = self.on_gpu and out_shape is not None and all(t.is_cuda for t in inputs)
         for t in inputs:
-            if t.dtype not in _NP:
-                raise BBFInputError(f"ONNX Runtime input dtype {t.dtype} is not supported here; use fp32 or fp16 artifacts")
-        if self.on_gpu and out_shape is not None and all(t.is_cuda for t in inputs):
+            if t.dtype not in (_BIND if bound else _NP):
+                raise BBFInputError(
+                    f"ONNX Runtime input dtype {t.dtype} is not supported here (host inputs: fp32, fp16, bool, int64; "
+                    "bf16 only as CUDA tensors on a GPU provider); use an fp32 or fp16 artifact"
+                )
+        if bound:
             return self._run_bound(inputs, out_shape)
         feed = {n: t.detach().cpu().numpy() for n, t in zip(self.input_names, inputs)}
         out = self.session.run([self.output_name], feed)[0]
@@ -176,9 +199,9 @@ class OrtRunner:
         idx = inputs[0].device.index or 0
         keep = [t.contiguous() for t in inputs]
         for n, t in zip(self.input_names, keep):
-            binding.bind_input(n, "cuda", idx, _NP[t.dtype], tuple(t.shape), t.data_ptr())
+            binding.bind_input(n, "cuda", idx, _BIND[t.dtype], tuple(t.shape), t.data_ptr())
         out = torch.empty(out_shape, dtype=inputs[0].dtype, device=inputs[0].device)
-        binding.bind_output(self.output_name, "cuda", idx, _NP[out.dtype], tuple(out.shape), out.data_ptr())
+        binding.bind_output(self.output_name, "cuda", idx, _BIND[out.dtype], tuple(out.shape), out.data_ptr())
         torch.cuda.current_stream(out.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(binding)
         return out

@@ -4,7 +4,9 @@ fresh process without bbf_rt), the artifact cache, runtime backends and the Tens
 Tiny preset with random weights (plumbing only), gates randomised so every condition branch changes
 the output. Tolerance: fp32 artifacts must match eager fp32 within 1e-4 of the output's max |value|
 (observed: ~3e-6; ONNX Runtime and Inductor reorder fp32 sums, nothing more), and decoded frames within
-one uint8 level. Expensive exports run once per module (fixtures) and are reused by the backend tests.
+one uint8 level. fp16 ONNX artifacts follow the flash-attention rule against an fp32 eager oracle (at
+most 2x the error of eager fp16). Expensive exports run once per module (fixtures) and are reused by
+the backend tests.
 """
 from __future__ import annotations
 
@@ -40,12 +42,13 @@ from bbf_rt.io.video import iter_frames
 from bbf_rt.model import BBFModel
 from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
-from models import trained_gates
+from models import trained_gates, within_2x
 
 ALL = tuple(MODALITIES)
 # AOTInductor is tested without the audio branch: torch.export's symbolic-shape reasoning over the
 # per-frame audio attention costs ~30 s of sympy on its own (ONNX covers audio)
 AOTI_SET = ("text", "image", "context")
+FP16_SET = AOTI_SET  # the fp16 ONNX graph: every branch the engine test sends, and a 3x faster export than ALL
 REL_TOL = 1e-4
 # (batch, frames, latent height, latent width, ...): two resolutions, frame counts and batch sizes
 SIZES = [
@@ -91,6 +94,18 @@ def onnx_all(model, store):
 
 
 @pytest.fixture(scope="module")
+def model16(model):
+    """The model in fp16, as `bbf-rt export --precision fp16` loads it."""
+    return copy.deepcopy(model).to(torch.float16)
+
+
+@pytest.fixture(scope="module")
+def onnx_fp16(model16, store):
+    """The fp16 ONNX denoiser (text, image, context), default profile."""
+    return export_denoiser(model16, ExportConfig(target="onnx", precision="fp16", modalities=FP16_SET), cache=store)
+
+
+@pytest.fixture(scope="module")
 def aoti_all(model, store):
     """The AOTInductor package (text, image, context), default profile (compiled once: ~40 s)."""
     return export_denoiser(model, ExportConfig(target="aoti", modalities=AOTI_SET), cache=store)
@@ -99,6 +114,14 @@ def aoti_all(model, store):
 def _eager(model, modalities, inputs):
     with torch.no_grad():
         return sig.Denoiser(model.dit, modalities)(*inputs)
+
+
+def _within_2x(out: torch.Tensor, low: torch.Tensor, oracle: torch.Tensor) -> tuple[float, float]:
+    return within_2x(out, low, oracle, "artifact")
+
+
+def _up(inputs):
+    return [t.float() if t.is_floating_point() else t for t in inputs]
 
 
 # ---- ONNX ----------------------------------------------------------------------------------------
@@ -156,6 +179,54 @@ def test_vae_onnx_encoder_decoder_match_eager(model, store):
         assert _rel_err(enc(frames), lat) < REL_TOL and _rel_err(dec(lat), rec) < REL_TOL
 
 
+# ---- ONNX at fp16 and bf16 -------------------------------------------------------------------------
+def test_onnx_fp16_within_2x_of_eager_fp16(model, model16, onnx_fp16):
+    import onnx
+
+    graph = onnx.load(str(onnx_fp16.path), load_external_data=False).graph
+    types = {i.name: i.type.tensor_type.elem_type for i in graph.input}
+    assert types["x"] == types["text"] == onnx.TensorProto.FLOAT16 and types["sigma"] == onnx.TensorProto.FLOAT
+    run = load_artifact(onnx_fp16, "cpu")
+    ecfg = ExportConfig(target="onnx", precision="fp16", modalities=FP16_SET)
+    for sizes in SIZES[:2]:  # two resolutions, 3 and 1 frames, batch 2 and 1
+        inputs = sig.example_inputs(model.cfg, ecfg, "cpu", sizes)
+        oracle = _eager(model, FP16_SET, _up(inputs))
+        out = run(*inputs)
+        assert out.dtype == torch.float16
+        _within_2x(out, _eager(model16, FP16_SET, inputs), oracle)
+
+
+def test_vae_onnx_fp16_within_2x_of_eager_fp16(model, model16, store):
+    ecfg = ExportConfig(target="onnx", precision="fp16")
+    enc = load_artifact(export_vae(model16, "vae_encoder", ecfg, cache=store))
+    dec = load_artifact(export_vae(model16, "vae_decoder", ecfg, cache=store))
+    for n, H, W in ((2, 24, 40), (3, 48, 16)):
+        frames = (torch.rand(n, 3, H, W) * 2 - 1).half()
+        with torch.no_grad():
+            lat = model.vae.encode_frames(frames.float())
+            rec = model.vae.decode_frames(lat)
+            lat16, rec16 = model16.vae.encode_frames(frames), model16.vae.decode_frames(lat.half())
+        _within_2x(enc(frames), lat16, lat)
+        _within_2x(dec(lat.half()), rec16, rec)
+
+
+def test_onnx_bf16_fails_clearly_and_names_fp16(model, tmp_path, caplog):
+    """ONNX Runtime (1.32) has no CPU bf16 kernels for the graph: exporting warns, running raises
+    BackendUnavailableError naming the op and --precision fp16; the bf16 VAE is refused before export
+    (opset 18 Conv has no bf16); an engine asking the onnx backend for bf16 gets an fp16 artifact."""
+    with caplog.at_level(logging.WARNING, logger="bbf_rt.export.api"):
+        art = export_denoiser(model, ExportConfig(target="onnx", precision="bf16", modalities=()), cache=tmp_path)
+    assert any("export --precision fp16" in r.getMessage() for r in caplog.records)
+    with pytest.raises(BackendUnavailableError, match=r"cannot run the bf16 graph .*NOT_IMPLEMENTED.*--precision fp16"):
+        load_artifact(art, "cpu")
+    with pytest.raises(BBFInputError, match=r"opset 18.*--precision fp16"):
+        export_vae(model, "vae_decoder", ExportConfig(target="onnx", precision="bf16"), cache=tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="bbf_rt.runtime.backends"):
+        be = make_backend("onnx", model, torch.device("cpu"), torch.bfloat16, cache=tmp_path)
+    assert be.precision == "fp16" and any("fp16 artifact" in r.getMessage() for r in caplog.records)
+
+
 # ---- AOTInductor ---------------------------------------------------------------------------------
 _LOADER = textwrap.dedent(
     """
@@ -192,10 +263,10 @@ def test_aoti_package_runs_in_a_fresh_process_without_bbf_rt(model, aoti_all, tm
 
 
 # ---- backends in the engine ----------------------------------------------------------------------
-def _engine_run(model, backend, store, audio=True):
+def _engine_run(model, backend, store, audio=True, dtype=torch.float32):
     rt = RuntimeConfig(steps=2, text_scale=2.0)  # two CFG passes: the text mask is all False in one
-    den = make_backend(backend, model, torch.device("cpu"), torch.float32, cache=store.root)
-    eng = Engine(model, rt, torch.device("cpu"), torch.float32, denoiser=den)
+    den = make_backend(backend, model, torch.device("cpu"), dtype, cache=store.root)
+    eng = Engine(model, rt, torch.device("cpu"), dtype, denoiser=den)
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, size=(4, 24, 40, 3), dtype=np.uint8)
     pix = eng.to_pixels(frames)
@@ -224,6 +295,20 @@ def test_backend_in_engine_matches_eager(model, store, onnx_all, aoti_all, backe
     desc = den.describe()
     assert [a["reused"] for a in desc["artifacts"]] == [True]
     assert desc["artifacts"][0]["path"] == str((onnx_all if backend == "onnx" else aoti_all).path)
+
+
+def test_backend_onnx_fp16_in_engine_within_2x_of_eager_fp16(model, model16, store, onnx_fp16):
+    """The engine at fp16 with the onnx backend: latents vs the fp32 engine within the 2x rule of the eager
+    fp16 engine; decoded frames (same fp16 VAE) no further from the fp32 ones than 2x eager fp16's + 1 level."""
+    ref_lat, ref_frames, _ = _engine_run(model, "eager", store, audio=False)
+    low_lat, low_frames, _ = _engine_run(model16, "eager", store, audio=False, dtype=torch.float16)
+    lat, frames, den = _engine_run(model16, "onnx", store, audio=False, dtype=torch.float16)
+    _within_2x(lat, low_lat, ref_lat)
+    level = np.abs(frames.astype(int) - ref_frames.astype(int)).max()
+    assert level <= 2 * np.abs(low_frames.astype(int) - ref_frames.astype(int)).max() + 1
+    desc = den.describe()
+    assert desc["precision"] == "fp16" and [a["reused"] for a in desc["artifacts"]] == [True]
+    assert desc["artifacts"][0]["path"] == str(onnx_fp16.path)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

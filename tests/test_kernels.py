@@ -32,7 +32,7 @@ from bbf_rt.kernels.norm_modulate import triton as nm_tt  # noqa: E402
 from bbf_rt.kernels.rope import reference as rope_ref  # noqa: E402
 from bbf_rt.kernels.rope import triton as rope_tt  # noqa: E402
 from bbf_rt.model.dit import build_dit  # noqa: E402
-from models import trained_gates
+from models import trained_gates, within_2x
 
 DEV = torch.device("cuda" if CUDA else "cpu")
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (compiled Triton, Inductor, preset shapes)")
@@ -62,13 +62,7 @@ def poison(*like: torch.Tensor) -> None:
 
 def check(out: torch.Tensor, low: torch.Tensor, oracle: torch.Tensor) -> tuple[float, float]:
     """The 2x rule; returns (kernel error, reference error)."""
-    assert out.shape == oracle.shape and out.dtype == low.dtype
-    assert torch.isfinite(out).all(), "kernel output has NaN/Inf (unwritten or overflowed elements)"
-    err = (out.float() - oracle).abs().max().item()
-    base = (low.float() - oracle).abs().max().item()
-    floor = 1e-5 * max(1.0, oracle.abs().max().item())
-    assert err <= 2 * base + floor, f"kernel error {err:.3g} > 2 x reference error {base:.3g} + {floor:.1g}"
-    return err, base
+    return within_2x(out, low, oracle, "kernel")
 
 
 # ---------------------------------------------------------------- attention
