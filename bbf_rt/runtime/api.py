@@ -41,6 +41,19 @@ def get_model(spec: BBFModel | str | os.PathLike | None, device: torch.device, d
     return model
 
 
+def get_trained_model(spec: BBFModel | str | os.PathLike | None, device: torch.device, dtype: torch.dtype,
+                      allow_untrained: bool, allow_how: str) -> BBFModel:
+    """get_model, refusing random weights unless allowed: their frames would be noise, not a result.
+    allow_how: how the caller's user allows them (e.g. "--allow-untrained")."""
+    m = get_model(spec, device, dtype)
+    if not m.trained and not allow_untrained:
+        raise BBFInputError(
+            f"model {str(spec)!r} has untrained (random) weights, so its frames would be noise, not a result; "
+            f"pass a trained checkpoint (or {allow_how} for plumbing tests)"
+        )
+    return m
+
+
 def make_audio_encoder(model: BBFModel, device: torch.device):
     """The log-mel front end matching the model's audio branch (mels and tokens per frame)."""
     from bbf_rt.model.audio import AudioConfig, AudioEncoder

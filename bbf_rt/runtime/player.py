@@ -29,7 +29,7 @@ import numpy as np
 from bbf_rt.config import RuntimeConfig
 from bbf_rt.errors import BBFInputError
 from bbf_rt.io.scenecut import is_scene_cut
-from bbf_rt.runtime.api import check_frame, encode_text, get_model
+from bbf_rt.runtime.api import check_frame, encode_text, get_trained_model
 from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import (
     Conditions,
@@ -74,12 +74,7 @@ class Player:
             )
         dev = resolve_device(device)
         dt = resolve_dtype(rt.dtype, dev)
-        m = get_model(model, dev, dt)
-        if not m.trained and not allow_untrained:
-            raise BBFInputError(
-                f"model {str(model)!r} has untrained (random) weights, so its frames would be noise; pass a trained "
-                "checkpoint (or allow_untrained=True for plumbing tests)"
-            )
+        m = get_trained_model(model, dev, dt, allow_untrained, "allow_untrained=True")
         self.rt = rt.replace(batch=1)
         self.eng = Engine(m, self.rt, dev, dt, denoiser=make_backend(backend, m, dev, dt, cuda_graphs=rt.cuda_graphs))
         self.cond = Conditions()

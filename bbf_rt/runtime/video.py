@@ -22,7 +22,7 @@ from bbf_rt.errors import BBFInputError
 from bbf_rt.io.scenecut import is_scene_cut
 from bbf_rt.io.image import read_image
 from bbf_rt.io.video import VideoWriter, iter_frames, probe, read_audio
-from bbf_rt.runtime.api import encode_text, get_model, make_audio_encoder
+from bbf_rt.runtime.api import encode_text, get_trained_model, make_audio_encoder
 from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine, resolve_device, resolve_dtype
 from bbf_rt.runtime.stream import BackgroundWriter, prefetch
@@ -119,12 +119,7 @@ def interpolate_video(
     output_fps(info.fps, factor=factor, fps=fps)  # validates --factor/--fps before any work
     dev = resolve_device(device)
     dt = resolve_dtype(rt.dtype, dev)
-    m = get_model(model, dev, dt)
-    if not m.trained and not allow_untrained:
-        raise BBFInputError(
-            f"model {str(model)!r} has untrained (random) weights, so its frames would be noise, not a result; "
-            "pass a trained checkpoint with --model (or --allow-untrained for plumbing tests)"
-        )
+    m = get_trained_model(model, dev, dt, allow_untrained, "--allow-untrained")
     denoiser = make_backend(backend, m, dev, dt, cuda_graphs=rt.cuda_graphs)
     eng = Engine(m, rt, dev, dt, denoiser=denoiser)
     cond = Conditions()
