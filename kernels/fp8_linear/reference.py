@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from bbf_rt.kernels.norm_modulate.reference import norm_modulate_fp32
 
 E4M3_MAX = 448.0
 #: amax floor: an all-zero row gets a tiny scale (its codes are 0) instead of 0 / 0
@@ -55,16 +56,7 @@ def norm_modulate_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """norm(x) * (1 + scale) + shift (as kernels/norm_modulate) quantised per row without a bf16 round
     trip: x (B, L, C), shift/scale (B, F, C) -> (q (B*L, C) float8_e4m3fn, row scale (B*L,) fp32)."""
-    B, L, C = x.shape
-    Fr = shift.shape[1]
-    xf = x.float().view(B, Fr, L // Fr, C)
-    if rms:
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    else:
-        mu = xf.mean(-1, keepdim=True)
-        y = (xf - mu) * torch.rsqrt((xf - mu).pow(2).mean(-1, keepdim=True) + eps)
-    y = y * (1 + scale.float()[:, :, None, :]) + shift.float()[:, :, None, :]
-    return quantize_rows(y.reshape(B * L, C))
+    return quantize_rows(norm_modulate_fp32(x, shift, scale, eps, rms).reshape(-1, x.shape[-1]))
 
 
 def scaled_matmul(
