@@ -10,7 +10,12 @@ That path built on the H100 (torch 2.11) but the process died at load or first c
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +23,62 @@ import torch
 from bbf_rt import ops
 
 log = logging.getLogger(__name__)
+
+
+def _cxx() -> str | None:
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        return get_cpp_compiler()
+    except Exception:  # the builder's API moves between torch versions; the default is what it picks
+        return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
+def _print_file_name(cxx: str, name: str) -> str | None:
+    """The file `cxx` would link for `name`, or None where its search paths hold none."""
+    try:
+        found = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found if found and os.path.isabs(found) and os.path.exists(found) else None
+
+
+def shared_libstdcxx_libs() -> list[str] | None:
+    """Extra libraries that make the C++ compiler link the AOTI wrapper against the shared libstdc++.
+
+    Some toolchains ship only the static archive in the compiler's own folder (the `libstdc++.so`
+    dev link is missing: `g++ -print-file-name=libstdc++.so` names no file). The wrapper .so then
+    carries a private copy of libstdc++ whose locale objects the process never initialised, and the
+    first std::regex it builds (AOTInductorModel parsing its device string) crashes: a segfault in
+    `aoti_load_package` with torch 2.11 on the GPU image, "create_func_ ... API call failed" with
+    torch 2.13. Linking `-l:libstdc++.so.6` (the runtime library, which such toolchains still have)
+    first resolves every libstdc++ symbol from the shared library, so the static archive the driver
+    adds afterwards contributes nothing. None where the toolchain is fine or not GCC-like on Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    cxx = _cxx()
+    if not cxx or _print_file_name(cxx, "libstdc++.so") or not _print_file_name(cxx, "libstdc++.a"):
+        return None
+    if not _print_file_name(cxx, "libstdc++.so.6"):
+        log.warning("%s links libstdc++ statically and no libstdc++.so.6 is on its search path: the AOTI "
+                    "package may not load (install the libstdc++ development package)", cxx)
+        return None
+    return [":libstdc++.so.6"]
+
+
+@contextlib.contextmanager
+def _toolchain():
+    """Inductor config for the build: the shared-libstdc++ fix where the toolchain needs it."""
+    libs = shared_libstdcxx_libs()
+    if not libs:
+        yield None
+        return
+    log.warning("%s has only a static libstdc++; linking the AOTI wrapper with -l%s so that it loads",
+                _cxx(), libs[0])
+    cfg = torch._inductor.config.aot_inductor
+    old = list(cfg.custom_op_libs or [])
+    with torch._inductor.config.patch({"aot_inductor.custom_op_libs": old + [x for x in libs if x not in old]}):
+        yield libs
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic_shapes: tuple, mode: str):
@@ -44,8 +105,10 @@ def compile_package(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dyn
         facts.update(ops="reference", ops_fallback_reason=reason)
         ep = _export(module, args, dynamic_shapes, "reference")
     t1 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), _toolchain() as libs:
         torch._inductor.aoti_compile_and_package(ep, package_path=str(path))
+    if libs:
+        facts["extra_link_libs"] = libs
     facts.update(export_seconds=round(t1 - t0, 3), compile_seconds=round(time.perf_counter() - t1, 3))
     return facts
 
