@@ -6,7 +6,9 @@ Python source of the DiT. By default the eager reference ops are exported and In
 the kernels (attention stays aten SDPA: flash attention on the GPU). With ExportConfig.aoti_ops="auto" on
 CUDA, our Triton kernels (registered with `torch.library.triton_op`) are compiled in instead; if
 torch.export cannot trace them the export falls back to the references (one warning naming why).
-That path built on the H100 (torch 2.11) but the process died at load or first call, so it is opt-in.
+That path built on the H100 (torch 2.11), but no package loaded there: the wrapper .so carried a static
+libstdc++ and crashed in its first std::regex (`shared_libstdcxx_libs` below fixes that). Until it has
+run on a GPU it stays opt-in.
 """
 from __future__ import annotations
 
@@ -53,28 +55,38 @@ def shared_libstdcxx_libs() -> list[str] | None:
     `aoti_load_package` with torch 2.11 on the GPU image, "create_func_ ... API call failed" with
     torch 2.13. Linking `-l:libstdc++.so.6` (the runtime library, which such toolchains still have)
     first resolves every libstdc++ symbol from the shared library, so the static archive the driver
-    adds afterwards contributes nothing. None where the toolchain is fine or not GCC-like on Linux."""
+    adds afterwards contributes nothing. It is applied on every Linux GCC-like toolchain that can find
+    libstdc++.so.6 (where the toolchain is fine it only says what the driver would do anyway), so a
+    static copy cannot sneak in some other way; None elsewhere."""
     if not sys.platform.startswith("linux"):
         return None
     cxx = _cxx()
-    if not cxx or _print_file_name(cxx, "libstdc++.so") or not _print_file_name(cxx, "libstdc++.a"):
+    if not cxx:
         return None
     if not _print_file_name(cxx, "libstdc++.so.6"):
-        log.warning("%s links libstdc++ statically and no libstdc++.so.6 is on its search path: the AOTI "
-                    "package may not load (install the libstdc++ development package)", cxx)
+        if not _print_file_name(cxx, "libstdc++.so"):
+            log.warning("%s finds no shared libstdc++: the AOTI package may not load (install the libstdc++ "
+                        "development package)", cxx)
         return None
     return [":libstdc++.so.6"]
 
 
+def static_only_libstdcxx(cxx: str) -> bool:
+    """True where `cxx` would link libstdc++ statically (archive present, dev link missing)."""
+    return not _print_file_name(cxx, "libstdc++.so") and bool(_print_file_name(cxx, "libstdc++.a"))
+
+
 @contextlib.contextmanager
 def _toolchain():
-    """Inductor config for the build: the shared-libstdc++ fix where the toolchain needs it."""
+    """Inductor config for the build: the shared-libstdc++ link (a warning where the toolchain needed it)."""
     libs = shared_libstdcxx_libs()
     if not libs:
         yield None
         return
-    log.warning("%s has only a static libstdc++; linking the AOTI wrapper with -l%s so that it loads",
-                _cxx(), libs[0])
+    cxx = _cxx()
+    static = static_only_libstdcxx(cxx)
+    (log.warning if static else log.debug)("%s: linking the AOTI wrapper with -l%s (the toolchain has %s libstdc++)",
+                                           cxx, libs[0], "only a static" if static else "a shared")
     cfg = torch._inductor.config.aot_inductor
     old = list(cfg.custom_op_libs or [])
     with torch._inductor.config.patch({"aot_inductor.custom_op_libs": old + [x for x in libs if x not in old]}):

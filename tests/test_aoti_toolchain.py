@@ -51,12 +51,13 @@ def static_only_cxx(tmp_path):
         yield str(cxx)
 
 
-def test_fix_detected_only_for_a_static_only_toolchain(static_only_cxx):
+def test_static_only_toolchain_detected_and_shared_link_requested(static_only_cxx):
     assert aoti._cxx() == static_only_cxx
+    assert aoti.static_only_libstdcxx(static_only_cxx)
     assert aoti.shared_libstdcxx_libs() == [":libstdc++.so.6"]
     with torch._inductor.config.patch({"cpp.cxx": ("g++",)}):
         if aoti._print_file_name("g++", "libstdc++.so"):  # this machine's g++ has the dev link
-            assert aoti.shared_libstdcxx_libs() is None
+            assert not aoti.static_only_libstdcxx("g++")
     with aoti._toolchain() as libs:  # the fix is a scoped Inductor config patch
         assert torch._inductor.config.aot_inductor.custom_op_libs == [":libstdc++.so.6"] == libs
     assert not torch._inductor.config.aot_inductor.custom_op_libs
