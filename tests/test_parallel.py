@@ -360,7 +360,9 @@ def test_torchrun_sp2_x_cfg2_writes_the_single_process_video(clip_and_ckpt, tmp_
            "--master-port", str(_free_port()), "-m", "bbf_rt.cli", "interpolate", str(src), "-o", str(par),
            "--model", str(ckpt), "--sp", "2", "--cfg-parallel", *_JOB]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    # cwd away from the checkout: `-m` puts the cwd on sys.path, and the source folder `kernels/` there would
+    # shadow the PyPI package `kernels` that transformers (the MiniLM text encoder) imports
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1 and '"ranks": 4' in reports[0] and '"sp": 2' in reports[0]  # rank 0 alone reports
