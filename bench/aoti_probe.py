@@ -12,7 +12,6 @@ each that fails also under cuda-gdb for the native backtrace; the toolchain's li
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import zipfile
 from pathlib import Path
 
 BUILD = textwrap.dedent("""

@@ -45,7 +45,7 @@ def _print_file_name(cxx: str, name: str) -> str | None:
     return found if found and os.path.isabs(found) and os.path.exists(found) else None
 
 
-def shared_libstdcxx_libs() -> list[str] | None:
+def shared_libstdcxx_libs(cxx: str) -> list[str] | None:
     """Extra libraries that make the C++ compiler link the AOTI wrapper against the shared libstdc++.
 
     Some toolchains ship only the static archive in the compiler's own folder (the `libstdc++.so`
@@ -57,12 +57,7 @@ def shared_libstdcxx_libs() -> list[str] | None:
     first resolves every libstdc++ symbol from the shared library, so the static archive the driver
     adds afterwards contributes nothing. It is applied on every Linux GCC-like toolchain that can find
     libstdc++.so.6 (where the toolchain is fine it only says what the driver would do anyway), so a
-    static copy cannot sneak in some other way; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    cxx = _cxx()
-    if not cxx:
-        return None
+    static copy cannot sneak in some other way; None where `cxx` finds no libstdc++.so.6."""
     if not _print_file_name(cxx, "libstdc++.so.6"):
         if not _print_file_name(cxx, "libstdc++.so"):
             log.warning("%s finds no shared libstdc++: the AOTI package may not load (install the libstdc++ "
@@ -79,11 +74,11 @@ def static_only_libstdcxx(cxx: str) -> bool:
 @contextlib.contextmanager
 def _toolchain():
     """Inductor config for the build: the shared-libstdc++ link (a warning where the toolchain needed it)."""
-    libs = shared_libstdcxx_libs()
+    cxx = _cxx() if sys.platform.startswith("linux") else None
+    libs = shared_libstdcxx_libs(cxx) if cxx else None
     if not libs:
         yield None
         return
-    cxx = _cxx()
     static = static_only_libstdcxx(cxx)
     (log.warning if static else log.debug)("%s: linking the AOTI wrapper with -l%s (the toolchain has %s libstdc++)",
                                            cxx, libs[0], "only a static" if static else "a shared")

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -54,7 +53,7 @@ def static_only_cxx(tmp_path):
 def test_static_only_toolchain_detected_and_shared_link_requested(static_only_cxx):
     assert aoti._cxx() == static_only_cxx
     assert aoti.static_only_libstdcxx(static_only_cxx)
-    assert aoti.shared_libstdcxx_libs() == [":libstdc++.so.6"]
+    assert aoti.shared_libstdcxx_libs(static_only_cxx) == [":libstdc++.so.6"]
     with torch._inductor.config.patch({"cpp.cxx": ("g++",)}):
         if aoti._print_file_name("g++", "libstdc++.so"):  # this machine's g++ has the dev link
             assert not aoti.static_only_libstdcxx("g++")
