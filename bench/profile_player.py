@@ -1,0 +1,163 @@
+"""Where a bbf-s 720p 2x clip spends its time, stage by stage, and what the VAE costs in each form.
+
+    python bench/profile_player.py --out bench/results/profile-player-h100.jsonl [--model CKPT] [--batches 1,4]
+
+One row per (batch, stage): host->device upload of the uint8 frames, VAE encode of batch+1 frames, the
+start-end difference, the denoising loop (CUDA graphs, Triton ops), VAE decode on the GPU (to uint8), the
+device->host copy (pageable and pinned), and the whole clip as bench_e2e times it. Then one row per VAE
+variant (eager NCHW, channels_last, CUDA-graph replay, both) for encode and decode, with the largest
+difference from the eager output, so a faster form is only taken with its error known.
+Median of --reps CUDA-event timings after --warmup calls.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _t(e) -> float:
+    """An event's device time (us), or its CPU time on a CPU dry run."""
+    return e.device_time_total if e.device_time_total > 0 else e.self_cpu_time_total
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bbf_rt import ops
+    from bbf_rt.bench.bench_e2e import _versions
+    from bbf_rt.bench.e2e_common import Rows, panning_frames, pct, stats, times_ms
+    from bbf_rt.config import RuntimeConfig
+    from bbf_rt.model import load_model
+    from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
+    from bbf_rt.runtime.graphs import CUDAGraphDenoiser
+    from torch.profiler import ProfilerActivity, profile
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=str(REPO / "bbf_rt" / "weights" / "bbf-s.safetensors"))
+    p.add_argument("--size", default="1280x720")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--compile", action="store_true", help="also time the loop with torch.compile inside the CUDA graphs")
+    p.add_argument("--git-sha", default=None, help="recorded instead of the package folder's git HEAD")
+    p.add_argument("--device", default="cuda", help="cpu: a dry run of every row (tiny sizes; timings meaningless)")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("profile_player: needs a CUDA GPU (or --device cpu for a dry run)", file=sys.stderr)
+        return 2
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
+    W, H = (int(v) for v in a.size.split("x"))
+    batches = [int(b) for b in a.batches.split(",")]
+    rows = Rows(a.out, {**_versions(dev), **({"git": a.git_sha} if a.git_sha else {}), "name": "profile_player", "size": [W, H], "steps": a.steps, "weights": Path(a.model).name}, 1e9)
+    model = load_model(a.model, device=dev, dtype=torch.bfloat16)
+    eng = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True), dev, torch.bfloat16, denoiser=CUDAGraphDenoiser(model.dit))
+    frames = panning_frames(max(batches) + 1, H, W)
+    T = lambda fn: times_ms(fn, dev, a.warmup, a.reps)  # noqa: E731
+
+    with torch.no_grad(), ops.implementation("auto" if dev.type == "cuda" else "reference"):
+        for B in batches:
+            host = frames[: B + 1]
+            pix = eng.to_pixels(host)
+            lat = eng.encode(pix)
+            diff = eng.difference(pix[:-1], pix[1:])
+            jobs = [DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=diff[i], taus=[0.5]) for i in range(B)]
+            out = torch.stack([o[0] for o in eng.run(jobs, Conditions(), H, W)])
+            u8 = ((model.vae.decode_frames(out).float()[..., :H, :W].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            pinned = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=dev.type == "cuda")
+
+            def clip():
+                px = eng.to_pixels(host)
+                lt = eng.encode(px)
+                df = eng.difference(px[:-1], px[1:])
+                js = [DenoiseJob(key=i, lat0=lt[i], lat1=lt[i + 1], diff=df[i], taus=[0.5]) for i in range(B)]
+                return eng.decode(torch.stack([o[0] for o in eng.run(js, Conditions(), H, W)]), H, W)
+
+            stages = {
+                "upload_uint8": lambda: eng.to_pixels(host),
+                "vae_encode": lambda: eng.encode(pix),
+                "difference": lambda: eng.difference(pix[:-1], pix[1:]),
+                "denoise_loop": lambda: eng.run(jobs, Conditions(), H, W),
+                "vae_decode_to_uint8": lambda: ((model.vae.decode_frames(out).float()[..., :H, :W].clamp(-1, 1) + 1) * 127.5)
+                .round().to(torch.uint8),
+                "download_pageable": lambda: u8.permute(0, 2, 3, 1).cpu().numpy(),
+                "download_pinned": lambda: pinned.copy_(u8),
+                "clip": clip,
+            }
+            for name, fn in stages.items():
+                ts = T(fn)
+                rows.write({"batch": B, "stage": name, **stats(ts), "ms": pct(ts, 0.5)})
+
+            # the denoising step's kernels, eager launches (graphs hide them from the profiler)
+            eager = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=False), dev, torch.bfloat16)
+            eager.run(jobs, Conditions(), H, W)
+            sync()
+
+            with profile(activities=acts) as prof:
+                eager.run(jobs, Conditions(), H, W)
+                sync()
+            evs = [e for e in prof.key_averages() if _t(e) > 0]
+            evs.sort(key=lambda e: -_t(e))
+            total = sum(_t(e) for e in evs)
+            rows.write({"batch": B, "stage": "denoise_kernels", "steps_profiled": a.steps, "kernel_us_total": total,
+                        "kernels": sum(e.count for e in evs),
+                        "top": [{"k": e.key[:90], "n": e.count, "us": round(_t(e), 1)} for e in evs[:20]]})
+            for op, fn in (("encode", lambda: eng.encode(pix)), ("decode", lambda: model.vae.decode_frames(out))):
+                with profile(activities=acts) as prof:
+                    fn()
+                    sync()
+                evs = sorted((e for e in prof.key_averages() if _t(e) > 0), key=lambda e: -_t(e))
+                rows.write({"batch": B, "stage": f"vae_{op}_kernels", "kernel_us_total": sum(_t(e) for e in evs),
+                            "kernels": sum(e.count for e in evs),
+                            "top": [{"k": e.key[:90], "n": e.count, "us": round(_t(e), 1)} for e in evs[:12]]})
+
+            # VAE forms: channels_last, CUDA-graph replay, both (error against the eager NCHW output)
+            vae_cl = copy.deepcopy(model.vae).to(memory_format=torch.channels_last)
+            x_in = (pix * 2 - 1).to(torch.bfloat16)
+            ref_z, ref_x = model.vae.encode_frames(x_in), model.vae.decode_frames(out)
+            for form, vae in (("eager_nchw", model.vae), ("channels_last", vae_cl)):
+                for graphed in (False, True):
+                    enc = lambda x, s, v=vae: v.encode_frames(x.contiguous(memory_format=torch.channels_last)  # noqa: E731
+                                                              if v is vae_cl else x)
+                    dec = lambda z, s, v=vae: v.decode_frames(z.contiguous(memory_format=torch.channels_last)  # noqa: E731
+                                                              if v is vae_cl else z)
+                    if graphed:
+                        enc, dec = CUDAGraphDenoiser(enc), CUDAGraphDenoiser(dec)
+                    sig = torch.zeros(1, device=dev)
+                    for op, fn, arg, ref in (("encode", enc, x_in, ref_z), ("decode", dec, out, ref_x)):
+                        t0 = time.perf_counter()
+                        got = fn(arg, sig)
+                        first = time.perf_counter() - t0
+                        ts = T(lambda: fn(arg, sig))
+                        rows.write({"batch": B, "stage": f"vae_{op}_form", "form": form, "cuda_graph": graphed, **stats(ts),
+                                    "ms": pct(ts, 0.5), "first_call_s": round(first, 3),
+                                    "max_abs_vs_eager": (got.float() - ref.float()).abs().max().item()})
+        if a.compile:  # Inductor's fused glue replayed by our graphs: the compile time is its own row field
+            comp = CUDAGraphDenoiser(torch.compile(model.dit, dynamic=False))
+            ceng = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True), dev, torch.bfloat16, denoiser=comp)
+            for B in batches:
+                pix = eng.to_pixels(frames[: B + 1])
+                lat, diff = eng.encode(pix), eng.difference(pix[:-1], pix[1:])
+                jobs = [DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=diff[i], taus=[0.5]) for i in range(B)]
+                ref = torch.stack([o[0] for o in eng.run(jobs, Conditions(), H, W)])
+                t0 = time.perf_counter()
+                got = torch.stack([o[0] for o in ceng.run(jobs, Conditions(), H, W)])
+                first = time.perf_counter() - t0
+                ts = T(lambda: ceng.run(jobs, Conditions(), H, W))
+                rows.write({"batch": B, "stage": "denoise_loop", "form": "torch.compile default + cuda graphs", **stats(ts),
+                            "ms": pct(ts, 0.5), "first_call_s": round(first, 1),
+                            "max_abs_vs_graphs": (got.float() - ref.float()).abs().max().item()})
+    print(f"profile_player: {rows.count} rows -> {a.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
