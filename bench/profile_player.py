@@ -74,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
             u8 = ((model.vae.decode_frames(out).float()[..., :H, :W].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
             pinned = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=dev.type == "cuda")
 
-            def clip():
+            pageable = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True, pinned_transfers=False), dev, torch.bfloat16,
+                              denoiser=eng.denoiser)
+
+            def clip(eng=eng):
                 px = eng.to_pixels(host)
                 lt = eng.encode(px)
                 df = eng.difference(px[:-1], px[1:])
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                 "download_pageable": lambda: u8.permute(0, 2, 3, 1).cpu().numpy(),
                 "download_pinned": lambda: pinned.copy_(u8),
                 "clip": clip,
+                "clip_pageable_transfers": lambda: clip(pageable),
             }
             for name, fn in stages.items():
                 ts = T(fn)

@@ -43,3 +43,33 @@ def test_replay_equals_direct_call_and_reuses_the_capture():
         kw = _inputs(cfg, "cuda", B=1)  # another shape bucket
         torch.testing.assert_close(den(**kw), model(**kw), rtol=1e-5, atol=1e-5)
         assert den.captures == 2
+
+
+def _engine(device: str, pinned: bool):
+    from bbf_rt.config import RuntimeConfig
+    from bbf_rt.model import BBFModel
+    from bbf_rt.runtime.engine import Engine
+
+    torch.manual_seed(0)
+    model = BBFModel(get_preset("tiny")).to(device).eval()
+    return Engine(model, RuntimeConfig(pinned_transfers=pinned), torch.device(device), torch.float32)
+
+
+def test_cpu_engine_uses_no_pinned_staging():
+    assert _engine("cpu", True)._staging is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (page-locked transfers)")
+def test_pinned_transfers_equal_pageable_and_survive_buffer_reuse():
+    import numpy as np
+
+    pinned, plain = _engine("cuda", True), _engine("cuda", False)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 256, (2, 40, 56, 3), dtype=np.uint8) for _ in range(4)]
+    ups = [pinned.to_pixels(f) for f in frames]  # same shape: one buffer refilled while copies may be in flight
+    for f, u in zip(frames, ups):
+        assert torch.equal(u, plain.to_pixels(f))
+    lat = pinned.encode(ups[0])
+    outs = [pinned.decode(lat * s, 40, 56) for s in (1.0, 0.5)]  # the first result must not change under the second
+    assert np.array_equal(outs[0], plain.decode(lat, 40, 56)) and np.array_equal(outs[1], plain.decode(lat * 0.5, 40, 56))
+    assert outs[0].shape == (2, 40, 56, 3) and outs[0].dtype == np.uint8
