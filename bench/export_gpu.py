@@ -250,8 +250,9 @@ def bench_aoti(preset: str, rows: Rows, dev: torch.device, cache_root: Path, cei
         e = {"sigma": sgm, "aoti_vs_eager": max_err(got[i], eager[i]), "eager_max_abs": eager[i].float().abs().max().item()}
         if oracle is not None:
             e.update(aoti_vs_fp32=max_err(got[i], oracle[i]), eager_vs_fp32=max_err(eager[i], oracle[i]))
-            # floor: fp32 rounding of the output, for an fp32 run where eager equals the oracle
-            floor = torch.finfo(torch.float32).eps * oracle[i].abs().max().item()
+            # floor for an fp32 run, where eager *is* the oracle (error 0): the stated fp32 tolerance of
+            # docs/export.md, 1e-4 x max |eager| (Inductor only reorders fp32 sums)
+            floor = 1e-4 * oracle[i].abs().max().item() if dt == torch.float32 else 0.0
             e["passes_2x_rule"] = e["aoti_vs_fp32"] <= 2 * max(e["eager_vs_fp32"], floor)
         per_step.append(e)
     rows.add({"name": "aoti_parity", "backend": "aoti", **tag, "steps": per_step, "oracle": "fp32 eager, reference ops, no TF32"
