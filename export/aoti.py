@@ -120,8 +120,35 @@ def compile_package(module: torch.nn.Module, args: tuple[torch.Tensor, ...], dyn
     return facts
 
 
+class _Package:
+    """A loaded .pt2 called like the exported module: positional tensors in, its outputs back."""
+
+    def __init__(self, loader) -> None:
+        import torch.utils._pytree as pytree
+
+        self.loader = loader
+        self._out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
+        self._run = getattr(loader, "boxed_run", None) or loader.run
+        self._unflatten = pytree.tree_unflatten
+
+    def __call__(self, *args: torch.Tensor):
+        return self._unflatten(self._run([a for a in args if isinstance(a, torch.Tensor)]), self._out_spec)
+
+    def get_metadata(self) -> dict[str, str]:
+        return self.loader.get_metadata()
+
+
 def load_package(path: str | Path, device: torch.device | str = "cpu"):
-    """The compiled denoiser from a .pt2: a callable on positional tensors returning the velocity."""
+    """The compiled denoiser from a .pt2: a callable on positional tensors returning the velocity.
+
+    It builds torch's C++ package loader directly: `torch._inductor.aoti_load_package` first imports
+    torch._inductor and torch._dynamo (about 2 s on the CI machine) and compiles Inductor's CPU-ISA probes
+    to compare device facts, none of which a deployment needs. Where this torch's loader takes other
+    arguments, the public function is used."""
     dev = torch.device(device)
     index = (dev.index or 0) if dev.type == "cuda" else -1
-    return torch._inductor.aoti_load_package(str(path), device_index=index)
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+    except TypeError:
+        return torch._inductor.aoti_load_package(str(path), device_index=index)
+    return _Package(loader)
