@@ -17,6 +17,7 @@ from bbf_rt.errors import BBFInputError
 from bbf_rt.kernels.attention import reference as _attn_ref
 from bbf_rt.kernels.fp8_linear import reference as _fp8_ref
 from bbf_rt.kernels.gated_residual import reference as _gr_ref
+from bbf_rt.kernels.group_norm import reference as _gn_ref
 from bbf_rt.kernels.int8_attention import reference as _i8_ref
 from bbf_rt.kernels.norm_modulate import reference as _nm_ref
 from bbf_rt.kernels.rope import reference as _rope_ref
@@ -137,6 +138,17 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     if mod is not None:
         return mod.gated_residual(x, y, gate)
     return _gr_ref.gated_residual(x, y, gate)
+
+
+def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
+                    eps: float, silu: bool = True) -> torch.Tensor:
+    """silu(group_norm(x, groups, weight, bias, eps)) over (N, C, *spatial) (the VAE's norm); silu=False
+    leaves the SiLU out. On CUDA the Triton kernel splits each group's statistics over many programs
+    (torch's GroupNorm reduces a group in one thread block) and applies norm, affine and SiLU in one pass."""
+    mod = _triton_module("group_norm", x)
+    if mod is not None:
+        return mod.group_norm_silu(x, weight, bias, groups, eps, silu)
+    return _gn_ref.group_norm_silu(x, weight, bias, groups, eps, silu)
 
 
 def int8_attention(

@@ -29,6 +29,8 @@ from bbf_rt.config import get_preset
 from bbf_rt.kernels.attention import reference as attn_ref
 from bbf_rt.kernels.attention import triton as attn_tt
 from bbf_rt.kernels.gated_residual import reference as gr_ref
+from bbf_rt.kernels.group_norm import reference as gn_ref
+from bbf_rt.kernels.group_norm import triton as gn_tt
 from bbf_rt.kernels.gated_residual import triton as gr_tt
 from bbf_rt.kernels.norm_modulate import reference as nm_ref
 from bbf_rt.kernels.norm_modulate import triton as nm_tt
@@ -218,6 +220,30 @@ def bench_memory_bound(rows: Rows, lengths, compile_glue: bool, ops: set[str]) -
                 del sets, a, up, oracle
 
 
+def bench_group_norm(rows: Rows, compile_glue: bool) -> None:
+    """GroupNorm+SiLU at the bbf-s VAE's 720p activations (8 groups; N = 2 boundary frames per clip)."""
+    shapes = [(N, C, H, W) for N in (2, 8) for C, H, W in ((32, 720, 1280), (32, 360, 640), (64, 180, 320), (128, 90, 160))]
+    for shape in shapes:
+        C = shape[1]
+
+        def make(i):
+            return (torch.randn(shape, device=DEV, dtype=BF16), torch.rand(C, device=DEV, dtype=BF16) + 0.5,
+                    torch.randn(C, device=DEV, dtype=BF16), 8, 1e-6, True)
+        sets, nxt = _rotating(make)
+        a = sets[0]
+        oracle = gn_ref.group_norm_silu(*[t.float() if torch.is_tensor(t) else t for t in a])
+        ref_err = _err(gn_ref.group_norm_silu(*a), oracle)
+        backends = [("triton", gn_tt.group_norm_silu), ("eager", gn_ref.group_norm_silu)]
+        if compile_glue:
+            backends.append(("compile", torch.compile(gn_ref.group_norm_silu, fullgraph=True, dynamic=False)))
+        nbytes = 2 * a[0].numel() * 2  # the floor: read x once, write once (bf16)
+        for bname, fn in backends:
+            err = _err(fn(*a), oracle)
+            t = timed(lambda: fn(*nxt()))
+            rows.add("group_norm_silu", bname, shape, t, nbytes=nbytes, err=err, err_ref=ref_err, preset="bbf-s")
+        del sets, a, oracle
+
+
 def bench_rope_configs(rows: Rows, L: int = 32760) -> None:
     """rms_norm_rope at launch parameters around its defaults (a small sweep, kept as rows)."""
     for preset in PRESETS:
@@ -337,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one preset, short lengths (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd glue baselines")
     p.add_argument("--git-sha", default="unknown")
-    p.add_argument("--only", default="attention,cross,memory,rope_configs,block",
+    p.add_argument("--only", default="attention,cross,memory,group_norm,rope_configs,block",
                    help="comma-separated sections to run (default: all)")
     p.add_argument("--ops", default="norm_modulate,gated_residual,rms_norm_rope", help="memory-bound ops to run")
     a = p.parse_args(argv)
@@ -360,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_cross_attention(rows)
     if "memory" in only:
         bench_memory_bound(rows, (32760, 75600), compile_glue=not a.no_compile, ops=set(a.ops.split(",")))
+    if "group_norm" in only:
+        bench_group_norm(rows, compile_glue=not a.no_compile)
     if "rope_configs" in only:
         bench_rope_configs(rows)
     if "block" in only:

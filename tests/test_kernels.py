@@ -27,6 +27,8 @@ from bbf_rt.kernels.attention import reference as attn_ref  # noqa: E402
 from bbf_rt.kernels.attention import triton as attn_tt  # noqa: E402
 from bbf_rt.kernels.gated_residual import reference as gr_ref  # noqa: E402
 from bbf_rt.kernels.gated_residual import triton as gr_tt  # noqa: E402
+from bbf_rt.kernels.group_norm import reference as gn_ref  # noqa: E402
+from bbf_rt.kernels.group_norm import triton as gn_tt  # noqa: E402
 from bbf_rt.kernels.norm_modulate import reference as nm_ref  # noqa: E402
 from bbf_rt.kernels.norm_modulate import triton as nm_tt  # noqa: E402
 from bbf_rt.kernels.rope import reference as rope_ref  # noqa: E402
@@ -209,6 +211,58 @@ def test_rms_norm_rope_two_pass_matches_oracle(case, dtype):
     test_rms_norm_rope_matches_oracle(case, dtype, False, chunk=16)
 
 
+# ---------------------------------------------------------------- group norm + SiLU (the VAE)
+
+GN_CASES = [  # (N, C, H, W, groups)
+    (1, 32, 9, 13, 8),  # one chunk per group, partial
+    (2, 64, 70, 70, 8),  # 39,200 elements a group: ten chunks, the last partial
+    (1, 3, 5, 7, 1),  # odd channels, one group
+    (3, 12, 1, 1, 4),  # three elements a group
+]
+
+
+@pytest.mark.parametrize("dtype", LOW + [torch.float32], ids=str)
+@pytest.mark.parametrize("case", GN_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("affine,silu", [(True, True), (False, False)], ids=["affine-silu", "plain"])
+def test_group_norm_silu_matches_oracle(case, dtype, affine, silu):
+    N, C, H, W, G = case
+    g = torch.Generator().manual_seed(6)
+    x = rnd(N, C, H, W, dtype=dtype, gen=g, scale=3.0) + 5.0  # an offset mean: E[x^2] - E[x]^2 would cancel
+    w = (torch.rand(C, generator=g) + 0.5).to(DEV, dtype) if affine else None
+    b = rnd(C, dtype=dtype, gen=g) if affine else None
+    up = lambda t: None if t is None else t.float()  # noqa: E731
+    poison(x)
+    out = gn_tt.group_norm_silu(x, w, b, G, 1e-6, silu)
+    assert out.dtype == dtype and out.shape == x.shape
+    check(out, gn_ref.group_norm_silu(x, w, b, G, 1e-6, silu), gn_ref.group_norm_silu(x.float(), up(w), up(b), G, 1e-6, silu))
+
+
+def test_group_norm_silu_rejects_bad_shapes():
+    x = rnd(1, 6, 4, 4)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        gn_tt.group_norm_silu(x, None, None, 4, 1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        gn_tt.group_norm_silu(x, rnd(5), None, 3, 1e-6)
+
+
+@torch.no_grad()
+def test_vae_with_group_norm_kernel_matches_references():
+    """The VAE (bf16) through ops.group_norm_silu: the Triton kernel vs torch's GroupNorm + SiLU, fp32 oracle."""
+    from bbf_rt.model.vae import CompactVAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = CompactVAE(VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2))).to(DEV).eval()
+    frames = (torch.rand(1, 2, 3, 24, 40) * 2 - 1).to(DEV)
+    with ops.implementation("reference"):
+        oracle = vae(frames)
+    low, lf = vae.to(torch.bfloat16), frames.to(torch.bfloat16)
+    with ops.implementation("reference"):
+        ref = low(lf)
+    with ops.implementation("triton"):
+        out = low(lf)
+    check(out, ref, oracle)
+
+
 # ---------------------------------------------------------------- torch.library integration
 
 def _op_samples():
@@ -222,10 +276,12 @@ def _op_samples():
         "norm_modulate": (torch.ops.bbf_rt.norm_modulate, (x, f, f, 1e-6, False)),
         "gated_residual": (torch.ops.bbf_rt.gated_residual, (x, x, f)),
         "rms_norm_rope": (torch.ops.bbf_rt.rms_norm_rope, (x, w, ang.cos(), ang.sin(), 2, 1e-6)),
+        "group_norm_silu": (torch.ops.bbf_rt.group_norm_silu, (rnd(2, 8, 5, 6, dtype=torch.bfloat16), w[:8], w[:8], 4,
+                                                               1e-6, True)),
     }
 
 
-@pytest.mark.parametrize("name", ["attention", "norm_modulate", "gated_residual", "rms_norm_rope"])
+@pytest.mark.parametrize("name", ["attention", "norm_modulate", "gated_residual", "rms_norm_rope", "group_norm_silu"])
 def test_opcheck(name):
     op, args = _op_samples()[name]
     # the autograd checks do not apply: forward-only ops without a backward formula
@@ -252,6 +308,16 @@ def test_torch_compile_fullgraph_through_public_ops():
     with ops.implementation("triton"):
         got = fn(*args)
         eager = _block_glue(*args)
+    torch.testing.assert_close(got, eager, atol=0, rtol=0)
+
+
+def test_torch_compile_fullgraph_group_norm_silu():
+    x = rnd(2, 8, 6, 10, dtype=torch.bfloat16)
+    w = torch.linspace(0.5, 1.5, 8, device=DEV, dtype=torch.bfloat16)
+    fn = torch.compile(lambda t: ops.group_norm_silu(t, w, w, 4, 1e-6) * 2, fullgraph=True,
+                       backend="inductor" if CUDA else "aot_eager")
+    with ops.implementation("triton"):
+        got, eager = fn(x), ops.group_norm_silu(x, w, w, 4, 1e-6) * 2
     torch.testing.assert_close(got, eager, atol=0, rtol=0)
 
 

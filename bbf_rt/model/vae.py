@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbf_rt import ops
 from bbf_rt.errors import BBFInputError
 
 __all__ = [
@@ -151,6 +152,11 @@ class VideoVAE(nn.Module):
         return self.decode(self.encode(frames))
 
 
+def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
+    """silu(norm(x)) through bbf_rt.ops (a fused Triton kernel on CUDA); the module keeps the weights."""
+    return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> 3x3 conv, twice, plus the identity; shape-preserving (N, C, H, W)."""
 
@@ -162,8 +168,8 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm_silu(self.norm1, x))
+        h = self.conv2(_norm_silu(self.norm2, h))
         return x + h
 
 
@@ -195,7 +201,7 @@ class _Encoder(nn.Module):
         for stage in self.stages:
             h = stage(h)
         h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h))
 
 
 class _Decoder(nn.Module):
@@ -227,7 +233,7 @@ class _Decoder(nn.Module):
             h = stage["blocks"](h)
             h = F.interpolate(h, scale_factor=2.0, mode="nearest")
             h = stage["conv"](h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(_norm_silu(self.norm_out, h))
 
 
 class CompactVAE(VideoVAE):

@@ -1,0 +1,1 @@
+"""GroupNorm + SiLU over (N, C, *spatial): the VAE's normalisation, one op."""
