@@ -5,13 +5,15 @@
 One row per (batch, stage): host->device upload of the uint8 frames, VAE encode of batch+1 frames, the
 start-end difference, the denoising loop (CUDA graphs, Triton ops), VAE decode on the GPU (to uint8), the
 device->host copy (pageable and pinned), and the whole clip as bench_e2e times it. Then one row per VAE
-variant (eager NCHW, channels_last, CUDA-graph replay, both) for encode and decode, with the largest
-difference from the eager output, so a faster form is only taken with its error known.
+variant (eager NCHW, channels_last, torch's GroupNorm+SiLU instead of the fused Triton op, each with and
+without CUDA-graph replay) for encode and decode, with the largest difference from the eager output, so a
+faster form is only taken with its error known.
 Median of --reps CUDA-event timings after --warmup calls.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import time
@@ -25,6 +27,20 @@ REPO = Path(__file__).resolve().parent.parent
 def _t(e) -> float:
     """An event's device time (us), or its CPU time on a CPU dry run."""
     return e.device_time_total if e.device_time_total > 0 else e.self_cpu_time_total
+
+
+@contextlib.contextmanager
+def torch_groupnorm():
+    """Within the block the VAE runs torch's GroupNorm then SiLU (the baseline of the fused op)."""
+    import torch.nn.functional as F
+
+    from bbf_rt.model import vae as vae_mod
+    fused = vae_mod._norm_silu
+    vae_mod._norm_silu = lambda norm, x: F.silu(norm(x))
+    try:
+        yield
+    finally:
+        vae_mod._norm_silu = fused
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                 js = [DenoiseJob(key=i, lat0=lt[i], lat1=lt[i + 1], diff=df[i], taus=[0.5]) for i in range(B)]
                 return eng.decode(torch.stack([o[0] for o in eng.run(js, Conditions(), H, W)]), H, W)
 
+            def clip_torch_gn():
+                with torch_groupnorm():
+                    return clip()
+
             stages = {
                 "upload_uint8": lambda: eng.to_pixels(host),
                 "vae_encode": lambda: eng.encode(pix),
@@ -95,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                 "download_pinned": lambda: pinned.copy_(u8),
                 "clip": clip,
                 "clip_pageable_transfers": lambda: clip(pageable),
+                "clip_torch_groupnorm": clip_torch_gn,
             }
             for name, fn in stages.items():
                 ts = T(fn)
@@ -127,12 +148,16 @@ def main(argv: list[str] | None = None) -> int:
             vae_cl = copy.deepcopy(model.vae).to(memory_format=torch.channels_last)
             x_in = (pix * 2 - 1).to(torch.bfloat16)
             ref_z, ref_x = model.vae.encode_frames(x_in), model.vae.decode_frames(out)
-            for form, vae in (("eager_nchw", model.vae), ("channels_last", vae_cl)):
+            for form, vae, ctx in (("eager_nchw", model.vae, contextlib.nullcontext), ("channels_last", vae_cl, contextlib.nullcontext),
+                                   ("torch_groupnorm", model.vae, torch_groupnorm)):
                 for graphed in (False, True):
-                    enc = lambda x, s, v=vae: v.encode_frames(x.contiguous(memory_format=torch.channels_last)  # noqa: E731
-                                                              if v is vae_cl else x)
-                    dec = lambda z, s, v=vae: v.decode_frames(z.contiguous(memory_format=torch.channels_last)  # noqa: E731
-                                                              if v is vae_cl else z)
+                    def enc(x, s, v=vae, ctx=ctx):
+                        with ctx():
+                            return v.encode_frames(x.contiguous(memory_format=torch.channels_last) if v is vae_cl else x)
+
+                    def dec(z, s, v=vae, ctx=ctx):
+                        with ctx():
+                            return v.decode_frames(z.contiguous(memory_format=torch.channels_last) if v is vae_cl else z)
                     if graphed:
                         enc, dec = CUDAGraphDenoiser(enc), CUDAGraphDenoiser(dec)
                     sig = torch.zeros(1, device=dev)
