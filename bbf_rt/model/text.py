@@ -8,9 +8,12 @@ longest prompt; mask is True on real tokens. Two encoders:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -46,6 +49,34 @@ def pad_token_embeddings(rows: Sequence[Tensor], device: torch.device | str | No
         mask[i, : r.shape[0]] = True
     return tokens, mask
 
+
+
+@contextlib.contextmanager
+def _without_source_kernels():
+    """Hide this checkout's top-level `kernels/` source folder while transformers is imported.
+
+    transformers imports the PyPI package `kernels` when it finds one; from the checkout root (cwd on
+    sys.path, e.g. `python -m pytest`) it finds our folder of Triton kernels instead and fails. The folder
+    installs as `bbf_rt.kernels`, so nothing of ours needs the bare name."""
+    def ours(entry: str) -> bool:
+        root = Path(entry or os.getcwd())
+        return (root / "kernels" / "triton_common.py").is_file() and (root / "bbf_rt").is_dir()
+
+    hidden = [(i, e) for i, e in enumerate(sys.path) if ours(e)]
+    mod = sys.modules.get("kernels")
+    shadow = mod is not None and str(getattr(mod, "__file__", "")).endswith(str(Path("kernels", "__init__.py"))) \
+        and ours(str(Path(mod.__file__).parent.parent))
+    if shadow:
+        del sys.modules["kernels"]
+    for i, _ in reversed(hidden):
+        del sys.path[i]
+    try:
+        yield
+    finally:
+        for i, e in hidden:
+            sys.path.insert(i, e)
+        if shadow:
+            sys.modules.setdefault("kernels", mod)
 
 class TextEncoder:
     """Interface: `dim` (embedding width) and `encode(prompts) -> (tokens (B, L, dim) fp32, mask (B, L) bool)`."""
@@ -97,7 +128,8 @@ class MiniLMTextEncoder(TextEncoder):
         if not os.path.isdir(model_path):
             raise BBFInputError(f"model_path={str(model_path)!r}: not a directory holding a sentence-transformers model")
         try:
-            from sentence_transformers import SentenceTransformer
+            with _without_source_kernels():
+                from sentence_transformers import SentenceTransformer
         except ImportError as exc:
             raise BackendUnavailableError(
                 "text encoder 'minilm' needs sentence-transformers, which is not importable: "
