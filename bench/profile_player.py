@@ -100,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
                 js = [DenoiseJob(key=i, lat0=lt[i], lat1=lt[i + 1], diff=df[i], taus=[0.5]) for i in range(B)]
                 return eng.decode(torch.stack([o[0] for o in eng.run(js, Conditions(), H, W)]), H, W)
 
+            # its own engine: the VAE's CUDA graphs of `eng` were captured with the fused op
+            torch_gn = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True), dev, torch.bfloat16, denoiser=eng.denoiser)
+
             def clip_torch_gn():
                 with torch_groupnorm():
-                    return clip()
+                    return clip(torch_gn)
 
             stages = {
                 "upload_uint8": lambda: eng.to_pixels(host),
