@@ -50,7 +50,6 @@ def pad_token_embeddings(rows: Sequence[Tensor], device: torch.device | str | No
     return tokens, mask
 
 
-
 @contextlib.contextmanager
 def _without_source_kernels():
     """Hide this checkout's top-level `kernels/` source folder while transformers is imported.
@@ -64,8 +63,8 @@ def _without_source_kernels():
 
     hidden = [(i, e) for i, e in enumerate(sys.path) if ours(e)]
     mod = sys.modules.get("kernels")
-    shadow = mod is not None and str(getattr(mod, "__file__", "")).endswith(str(Path("kernels", "__init__.py"))) \
-        and ours(str(Path(mod.__file__).parent.parent))
+    origin = getattr(mod, "__file__", None)  # kernels/__init__.py when the bare name is already our folder
+    shadow = origin is not None and ours(str(Path(origin).parent.parent))
     if shadow:
         del sys.modules["kernels"]
     for i, _ in reversed(hidden):
@@ -77,6 +76,7 @@ def _without_source_kernels():
             sys.path.insert(i, e)
         if shadow:
             sys.modules.setdefault("kernels", mod)
+
 
 class TextEncoder:
     """Interface: `dim` (embedding width) and `encode(prompts) -> (tokens (B, L, dim) fp32, mask (B, L) bool)`."""
