@@ -23,11 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 def main(argv: list[str] | None = None) -> int:
     from bbf_rt.bench.bench_e2e import _versions
-    from bbf_rt.bench.e2e_common import Rows, panning_frames, pct, psnr, times_ms
+    from bbf_rt.bench.e2e_common import Rows, midpoint_jobs, panning_frames, pct, psnr, times_ms
     from bbf_rt.config import RuntimeConfig
     from bbf_rt.model import load_model
     from bbf_rt.runtime.backends import make_backend
-    from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
+    from bbf_rt.runtime.engine import Conditions, Engine
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = tempfile.mkdtemp(prefix="bbf-rt-frames-")
 
     def clip(eng: Engine):
-        px = eng.to_pixels(frames)
-        lt = eng.encode(px)
-        df = eng.difference(px[:-1], px[1:])
-        js = [DenoiseJob(key=i, lat0=lt[i], lat1=lt[i + 1], diff=df[i], taus=[0.5]) for i in range(len(frames) - 1)]
-        lat = torch.stack([o[0] for o in eng.run(js, Conditions(), H, W)])
+        lat = torch.stack([o[0] for o in eng.run(midpoint_jobs(eng, frames), Conditions(), H, W)])
         return lat, eng.decode(lat, H, W)
 
     results = {}

@@ -29,9 +29,9 @@ from bbf_rt.config import get_preset
 from bbf_rt.kernels.attention import reference as attn_ref
 from bbf_rt.kernels.attention import triton as attn_tt
 from bbf_rt.kernels.gated_residual import reference as gr_ref
+from bbf_rt.kernels.gated_residual import triton as gr_tt
 from bbf_rt.kernels.group_norm import reference as gn_ref
 from bbf_rt.kernels.group_norm import triton as gn_tt
-from bbf_rt.kernels.gated_residual import triton as gr_tt
 from bbf_rt.kernels.norm_modulate import reference as nm_ref
 from bbf_rt.kernels.norm_modulate import triton as nm_tt
 from bbf_rt.kernels.rope import reference as rope_ref

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 
 from bbf_rt import ops
-from bbf_rt.bench.e2e_common import (LADDER, PEERS, Rows, Rung, effective, flops_fields, panning_frames, peak_gib,
-                                     peak_reset, pct, psnr, rung_fields, rung_unavailable, stats, times_ms)
+from bbf_rt.bench.e2e_common import (LADDER, PEERS, Rows, Rung, effective, flops_fields, midpoint_jobs, panning_frames,
+                                     peak_gib, peak_reset, pct, psnr, rung_fields, rung_unavailable, stats, times_ms)
 from bbf_rt.config import RuntimeConfig, get_preset
 from bbf_rt.model import BBFModel, load_model
 from bbf_rt.model.flops import dit_flops
-from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
+from bbf_rt.runtime.engine import Conditions, Engine
 from bbf_rt.runtime.graphs import CUDAGraphDenoiser
 
 
@@ -57,10 +57,7 @@ class PlayerCase:
         H, W = self.H, self.W
 
         def prepare():
-            pix = eng.to_pixels(frames)
-            lat = eng.encode(pix)
-            diff = eng.difference(pix[:-1], pix[1:])
-            return [DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=diff[i], taus=[0.5]) for i in range(batch)]
+            return midpoint_jobs(eng, frames)
 
         def clip():
             out = eng.run(prepare(), Conditions(), H, W)

@@ -46,7 +46,7 @@ def torch_groupnorm():
 def main(argv: list[str] | None = None) -> int:
     from bbf_rt import ops
     from bbf_rt.bench.bench_e2e import _versions
-    from bbf_rt.bench.e2e_common import Rows, panning_frames, pct, stats, times_ms
+    from bbf_rt.bench.e2e_common import Rows, midpoint_jobs, panning_frames, pct, stats, times_ms
     from bbf_rt.config import RuntimeConfig
     from bbf_rt.model import load_model
     from bbf_rt.runtime.engine import Conditions, DenoiseJob, Engine
@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                               denoiser=eng.denoiser)
 
             def clip(eng=eng):
-                px = eng.to_pixels(host)
-                lt = eng.encode(px)
-                df = eng.difference(px[:-1], px[1:])
-                js = [DenoiseJob(key=i, lat0=lt[i], lat1=lt[i + 1], diff=df[i], taus=[0.5]) for i in range(B)]
-                return eng.decode(torch.stack([o[0] for o in eng.run(js, Conditions(), H, W)]), H, W)
+                return eng.decode(torch.stack([o[0] for o in eng.run(midpoint_jobs(eng, host), Conditions(), H, W)]), H, W)
 
             # its own engine: the VAE's CUDA graphs of `eng` were captured with the fused op
             torch_gn = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True), dev, torch.bfloat16, denoiser=eng.denoiser)
