@@ -140,6 +140,20 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torc
     return _gr_ref.gated_residual(x, y, gate)
 
 
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gelu_tanh(x @ weight^T + bias), the FFN's first half; x (..., K), weight (N, K), bias (N,).
+
+    On CUDA (implementation auto or triton) one cuBLASLt GEMM whose epilogue adds the bias and applies
+    the tanh GELU on the fp32 accumulator (torch._addmm_activation), so the (tokens, ffn_dim) activation is
+    written once instead of written, read and written again. Elsewhere, and while torch.compile or export
+    trace (Inductor fuses the GELU itself), F.linear then F.gelu(approximate="tanh")."""
+    if (x.is_cuda and bias is not None and _mode != "reference" and x.dtype == weight.dtype == bias.dtype
+            and not torch.compiler.is_compiling()):
+        y = torch._addmm_activation(bias, x.reshape(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return y.view(*x.shape[:-1], weight.shape[0])
+    return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
+
+
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,
                     eps: float, silu: bool = True) -> torch.Tensor:
     """silu(group_norm(x, groups, weight, bias, eps)) over (N, C, *spatial) (the VAE's norm); silu=False

@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wan-fp32", action="store_true", help="also run the fp32 rung (the quality reference) at the wan shape")
     p.add_argument("--text-scale", type=float, default=5.0)
     p.add_argument("--audio-scale", type=float, default=3.0)
+    p.add_argument("--git-sha", default=None, help="recorded instead of the package folder's git HEAD (device copies)")
     return p
 
 
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # rows then carry no % of peak
         print(f"bench_e2e: matmul ceiling not measured: {e}", file=sys.stderr)
         ceiling = None
-    rows = Rows(a.out, {**_versions(dev), "args": {k: v for k, v in vars(a).items() if k != "out"}}, a.budget_s)
+    rows = Rows(a.out, {**_versions(dev), **({"git": a.git_sha} if a.git_sha else {}),
+                        "args": {k: v for k, v in vars(a).items() if k not in ("out", "git_sha")}}, a.budget_s)
     cases: dict = {}
     # the ladders first, then the peers (compiling is the slowest part and the budget cuts from the end)
     for scen, cls in (("player", PlayerCase), ("wan", WanCase)):

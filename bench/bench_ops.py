@@ -356,6 +356,62 @@ def sweep(rows: Rows, L: int = 32760) -> None:
         del sets
 
 
+PLAYER_SWEEP = [  # (block_m, block_n, num_warps, num_stages): short sequences, few (batch, head) pairs
+    (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3), (64, 32, 4, 3),
+    (64, 64, 8, 3),
+]
+
+
+def bench_player(rows: Rows, L: int = 3600, heads: int = 5, dim: int = 320, ffn: int = 1280) -> None:
+    """The shipped bbf-s at 720p (3600 tokens, 5 heads of 64, FFN 320 -> 1280), batch 1 and 4: attention
+    launch configurations and SDPA, and the FFN's first GEMM + GELU fused (cuBLASLt epilogue) or not."""
+    from bbf_rt import ops
+
+    D = dim // heads
+    for B in (1, 4):
+        qkv = torch.randn(B, L, 3, heads, D, device=DEV, dtype=BF16)
+        q, k, v = qkv.unbind(2)
+        idx = torch.randperm(L, device=DEV)[:256]
+        oracle = attn_ref.attention(q[:, idx].float(), k.float(), v.float())
+        flops = 4 * B * heads * L * L * D
+        shape = (B, L, heads, D)
+        for name, fn in (("sdpa_flash", _sdpa(SDPBackend.FLASH_ATTENTION)), ("sdpa_cudnn", _sdpa(SDPBackend.CUDNN_ATTENTION))):
+            try:
+                out = fn(q, k, v)
+            except RuntimeError as e:
+                print(f"player attention {name}: unavailable ({str(e).splitlines()[0]})")
+                continue
+            rows.add("player_attention", name, shape, timed(lambda: fn(q, k, v)), flops=flops, err=_err(out[:, idx], oracle),
+                     preset="bbf-s (shipped)")
+        for bm, bn, w, st in PLAYER_SWEEP:
+            c = attn_tt.AttnConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+            try:
+                out = attn_tt.launch(q, k, v, None, D**-0.5, c)
+                torch.cuda.synchronize()
+            except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
+                print(f"player sweep {c}: failed ({type(ex).__name__}: {str(ex).splitlines()[0][:200]})")
+                continue
+            t = timed(lambda: attn_tt.launch(q, k, v, None, D**-0.5, c))
+            rows.add("player_attention", "triton", shape, t, flops=flops, err=_err(out[:, idx], oracle),
+                     preset="bbf-s (shipped)", config=asdict(c))
+        out = attn_tt.attention(q, k, v)
+        rows.add("player_attention", "triton_default", shape, timed(lambda: attn_tt.attention(q, k, v)), flops=flops,
+                 err=_err(out[:, idx], oracle), preset="bbf-s (shipped)",
+                 config=asdict(attn_tt.default_config(D, L, DEV)))
+        del qkv, q, k, v
+        x = torch.randn(B * L, dim, device=DEV, dtype=BF16)
+        w = torch.randn(ffn, dim, device=DEV, dtype=BF16) * dim**-0.5
+        b = torch.randn(ffn, device=DEV, dtype=BF16) * 0.1
+        oracle = F.gelu(F.linear(x.float(), w.float(), b.float()), approximate="tanh")
+        plain = lambda: F.gelu(F.linear(x, w, b), approximate="tanh")  # noqa: E731
+        fused = lambda: ops.linear_gelu(x, w, b)  # noqa: E731
+        ref_err = _err(plain(), oracle)
+        gflop = 2 * B * L * dim * ffn
+        for name, fn in (("linear_then_gelu", plain), ("linear_gelu_epilogue", fused)):
+            rows.add("player_ffn_up", name, (B * L, dim, ffn), timed(fn), flops=gflop, err=_err(fn(), oracle), err_ref=ref_err,
+                     preset="bbf-s (shipped)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None, help="append JSONL rows to this file")
@@ -363,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one preset, short lengths (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd glue baselines")
     p.add_argument("--git-sha", default="unknown")
-    p.add_argument("--only", default="attention,cross,memory,group_norm,rope_configs,block",
+    p.add_argument("--only", default="attention,cross,memory,group_norm,rope_configs,block,player",
                    help="comma-separated sections to run (default: all)")
     p.add_argument("--ops", default="norm_modulate,gated_residual,rms_norm_rope", help="memory-bound ops to run")
     a = p.parse_args(argv)
@@ -392,6 +448,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_rope_configs(rows)
     if "block" in only:
         bench_block(rows)
+    if "player" in only:
+        bench_player(rows)
     return 0
 
 

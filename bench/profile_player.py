@@ -103,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                 with torch_groupnorm():
                     return clip(torch_gn)
 
+            nchw_model = copy.deepcopy(model)
+            nchw = Engine(nchw_model, RuntimeConfig(steps=a.steps, cuda_graphs=True, vae_channels_last=False), dev,
+                          torch.bfloat16, denoiser=eng.denoiser)
+
             stages = {
                 "upload_uint8": lambda: eng.to_pixels(host),
                 "vae_encode": lambda: eng.encode(pix),
@@ -115,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 "clip": clip,
                 "clip_pageable_transfers": lambda: clip(pageable),
                 "clip_torch_groupnorm": clip_torch_gn,
+                "clip_vae_nchw": lambda: clip(nchw),
             }
             for name, fn in stages.items():
                 ts = T(fn)
@@ -143,20 +148,22 @@ def main(argv: list[str] | None = None) -> int:
                             "kernels": sum(e.count for e in evs),
                             "top": [{"k": e.key[:90], "n": e.count, "us": round(_t(e), 1)} for e in evs[:12]]})
 
-            # VAE forms: channels_last, CUDA-graph replay, both (error against the eager NCHW output)
-            vae_cl = copy.deepcopy(model.vae).to(memory_format=torch.channels_last)
+            # VAE forms: NCHW, channels_last (NHWC GroupNorm kernel), torch's GroupNorm; eager and CUDA-graph
+            # replay (error against the eager NCHW output)
+            vae_nchw = copy.deepcopy(model.vae).use_channels_last(False)
+            vae_cl = copy.deepcopy(model.vae).use_channels_last(True)
             x_in = (pix * 2 - 1).to(torch.bfloat16)
-            ref_z, ref_x = model.vae.encode_frames(x_in), model.vae.decode_frames(out)
-            for form, vae, ctx in (("eager_nchw", model.vae, contextlib.nullcontext), ("channels_last", vae_cl, contextlib.nullcontext),
-                                   ("torch_groupnorm", model.vae, torch_groupnorm)):
+            ref_z, ref_x = vae_nchw.encode_frames(x_in), vae_nchw.decode_frames(out)
+            for form, vae, ctx in (("eager_nchw", vae_nchw, contextlib.nullcontext), ("channels_last", vae_cl, contextlib.nullcontext),
+                                   ("torch_groupnorm", vae_nchw, torch_groupnorm)):
                 for graphed in (False, True):
                     def enc(x, s, v=vae, ctx=ctx):
                         with ctx():
-                            return v.encode_frames(x.contiguous(memory_format=torch.channels_last) if v is vae_cl else x)
+                            return v.encode_frames(x)
 
                     def dec(z, s, v=vae, ctx=ctx):
                         with ctx():
-                            return v.decode_frames(z.contiguous(memory_format=torch.channels_last) if v is vae_cl else z)
+                            return v.decode_frames(z)
                     if graphed:
                         enc, dec = CUDAGraphDenoiser(enc), CUDAGraphDenoiser(dec)
                     sig = torch.zeros(1, device=dev)

@@ -218,22 +218,30 @@ GN_CASES = [  # (N, C, H, W, groups)
     (2, 64, 70, 70, 8),  # 39,200 elements a group: ten chunks, the last partial
     (1, 3, 5, 7, 1),  # odd channels, one group
     (3, 12, 1, 1, 4),  # three elements a group
+    (2, 128, 7, 9, 8),  # the VAE's widest stage
+    (1, 16, 11, 5, 1),  # one group of all channels
 ]
 
 
 @pytest.mark.parametrize("dtype", LOW + [torch.float32], ids=str)
 @pytest.mark.parametrize("case", GN_CASES, ids=lambda c: "x".join(map(str, c)))
 @pytest.mark.parametrize("affine,silu", [(True, True), (False, False)], ids=["affine-silu", "plain"])
-def test_group_norm_silu_matches_oracle(case, dtype, affine, silu):
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_group_norm_silu_matches_oracle(case, dtype, affine, silu, layout):
     N, C, H, W, G = case
     g = torch.Generator().manual_seed(6)
     x = rnd(N, C, H, W, dtype=dtype, gen=g, scale=3.0) + 5.0  # an offset mean: E[x^2] - E[x]^2 would cancel
+    if layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.rand(C, generator=g) + 0.5).to(DEV, dtype) if affine else None
     b = rnd(C, dtype=dtype, gen=g) if affine else None
     up = lambda t: None if t is None else t.float()  # noqa: E731
     poison(x)
     out = gn_tt.group_norm_silu(x, w, b, G, 1e-6, silu)
     assert out.dtype == dtype and out.shape == x.shape
+    # a channels-last input is read in place and answered channels-last (no transposes around the convs)
+    assert out.stride() == (x.stride() if gn_tt.nhwc(x, G) else x.contiguous().stride())
+    assert gn_tt.nhwc(x, G) == (layout == "nhwc" and C in (16, 32, 64, 128) and H * W > 1)
     check(out, gn_ref.group_norm_silu(x, w, b, G, 1e-6, silu), gn_ref.group_norm_silu(x.float(), up(w), up(b), G, 1e-6, silu))
 
 
@@ -261,6 +269,15 @@ def test_vae_with_group_norm_kernel_matches_references():
     with ops.implementation("triton"):
         out = low(lf)
     check(out, ref, oracle)
+    # NHWC (what the engine runs on CUDA): same rule, and the decoder's output stays channels-last
+    low.use_channels_last()
+    with ops.implementation("triton"):
+        out_cl = low(lf)
+        dec = low.decode_frames(low.encode_frames(lf[:, 0]))
+    assert dec.is_contiguous(memory_format=torch.channels_last) and not dec.is_contiguous()
+    check(out_cl, ref, oracle)
+    low.use_channels_last(False)
+    assert low.decoder.conv_out.weight.is_contiguous()
 
 
 # ---------------------------------------------------------------- torch.library integration
@@ -278,10 +295,14 @@ def _op_samples():
         "rms_norm_rope": (torch.ops.bbf_rt.rms_norm_rope, (x, w, ang.cos(), ang.sin(), 2, 1e-6)),
         "group_norm_silu": (torch.ops.bbf_rt.group_norm_silu, (rnd(2, 8, 5, 6, dtype=torch.bfloat16), w[:8], w[:8], 4,
                                                                1e-6, True)),
+        "group_norm_silu_nhwc": (torch.ops.bbf_rt.group_norm_silu,
+                                 (rnd(2, 8, 5, 6, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last),
+                                  w[:8], w[:8], 4, 1e-6, True)),
     }
 
 
-@pytest.mark.parametrize("name", ["attention", "norm_modulate", "gated_residual", "rms_norm_rope", "group_norm_silu"])
+@pytest.mark.parametrize("name", ["attention", "norm_modulate", "gated_residual", "rms_norm_rope", "group_norm_silu",
+                                  "group_norm_silu_nhwc"])
 def test_opcheck(name):
     op, args = _op_samples()[name]
     # the autograd checks do not apply: forward-only ops without a backward formula

@@ -139,7 +139,13 @@ class Block(nn.Module):
             if name in conds:
                 x = branch(x, **conds[name])
         h = ops.norm_modulate(x, shift2, scale2, self.eps)
-        return ops.gated_residual(x, self.ffn(h), gate2)
+        return ops.gated_residual(x, self._ffn(h), gate2)
+
+    def _ffn(self, h: torch.Tensor) -> torch.Tensor:
+        up, act, down = self.ffn
+        if type(up) is nn.Linear and isinstance(act, nn.GELU):  # not once bbf_rt.runtime.quant swapped them
+            return down(ops.linear_gelu(h, up.weight, up.bias))  # GELU in the GEMM's epilogue on CUDA
+        return self.ffn(h)
 
 
 class BBFDiT(nn.Module):

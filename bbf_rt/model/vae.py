@@ -270,16 +270,32 @@ class CompactVAE(VideoVAE):
             raise BBFInputError(f"scale={cfg.scale!r}: every value must be non-zero")
         scale = _per_channel("scale", cfg.scale, cfg.latent_channels)
         self._register_norm(scale, _per_channel("shift", cfg.shift, cfg.latent_channels))
+        self.channels_last = False
+
+    def use_channels_last(self, on: bool = True) -> "CompactVAE":
+        """Run every convolution and GroupNorm in NHWC (`channels_last`) memory, or back in NCHW.
+
+        cuDNN's fast convolution kernels are NHWC: fed NCHW they transpose in and out around every conv
+        (bench/profile_player.py). The weights move to channels_last, inputs are converted on entry, and
+        ops.group_norm_silu keeps the layout; values are the same either way. Latents are returned
+        contiguous; decoded frames are channels-last (their NHWC uint8 conversion is then a plain copy)."""
+        self.to(memory_format=torch.channels_last if on else torch.contiguous_format)
+        self.channels_last = bool(on)
+        return self
+
+    def _layout(self, t: Tensor) -> Tensor:
+        return t.contiguous(memory_format=torch.channels_last) if self.channels_last else t
 
     def encode_frames(self, x: Tensor) -> Tensor:
         """(N, 3, H, W) float in [-1, 1] -> normalised latents (N, C, H/s, W/s), same dtype."""
         self.check_frames(x, "x", ndim=4)
-        return self.normalize(self.encoder(x))
+        z = self.normalize(self.encoder(self._layout(x)))
+        return z.contiguous() if self.channels_last else z
 
     def decode_frames(self, z: Tensor) -> Tensor:
         """Normalised latents (N, C, h, w) -> frames (N, 3, h*s, w*s), nominally [-1, 1], not clamped."""
         self.check_latents(z, "z", ndim=4)
-        return self.decoder(self.denormalize(z))
+        return self.decoder(self._layout(self.denormalize(z)))
 
     def encode(self, frames: Tensor) -> Tensor:
         """(B, F, 3, H, W) float in [-1, 1] -> normalised latents (B, F, C, H/s, W/s).

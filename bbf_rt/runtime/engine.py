@@ -128,6 +128,9 @@ class Engine:
         self.cache_stats = {"steps": 0, "dit_calls": 0, "skipped": 0, "syncs": 0}
         self._probe = None
         self._staging = _Staging() if device.type == "cuda" and runtime.pinned_transfers else None
+        if device.type == "cuda" and hasattr(model.vae, "use_channels_last"):
+            # NHWC convs without transposes (CompactVAE.use_channels_last); sets the model's VAE in place
+            model.vae.use_channels_last(runtime.vae_channels_last)
         self._vae_enc, self._vae_dec = model.vae.encode_frames, model.vae.decode_frames
         if device.type == "cuda" and runtime.cuda_graphs:
             # the VAE at 720p is ~60 launches per call, launch bound once its GroupNorms are fused:
