@@ -312,6 +312,17 @@ SWEEP = [  # (block_m, block_n, num_warps, num_stages, loader, pipeline); run 1 
 ]
 
 
+def _try_config(q, k, v, D: int, c, label: str):
+    """(output, timing) of the Triton attention under config `c`, or None (printed) where it does not compile."""
+    try:
+        out = attn_tt.launch(q, k, v, None, D**-0.5, c)
+        torch.cuda.synchronize()
+    except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
+        print(f"{label} {c}: failed ({type(ex).__name__}: {str(ex).splitlines()[0][:200]})")
+        return None
+    return out, timed(lambda: attn_tt.launch(q, k, v, None, D**-0.5, c))
+
+
 def sweep(rows: Rows, L: int = 32760) -> None:
     for preset in ("wan-1.3b", "bbf-s"):
         cfg = get_preset(preset)
@@ -322,13 +333,9 @@ def sweep(rows: Rows, L: int = 32760) -> None:
         oracle = attn_ref.attention(q[:, idx].float(), k.float(), v.float())
         for bm, bn, w, s, loader, pipe in SWEEP:
             c = attn_tt.AttnConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=s, loader=loader, pipeline=pipe)
-            try:
-                out = attn_tt.launch(q, k, v, None, D**-0.5, c)
-                torch.cuda.synchronize()
-            except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
-                print(f"sweep {preset} {c}: failed ({type(ex).__name__}: {str(ex).splitlines()[0][:200]})")
+            if (got := _try_config(q, k, v, D, c, f"sweep {preset}")) is None:
                 continue
-            t = timed(lambda: attn_tt.launch(q, k, v, None, D**-0.5, c))
+            out, t = got
             rows.add("attention_sweep", "triton", (1, L, H, D), t, flops=4 * H * L * L * D, err=_err(out[:, idx], oracle),
                      preset=preset, config=asdict(c))
         del qkv, q, k, v
@@ -385,13 +392,9 @@ def bench_player(rows: Rows, L: int = 3600, heads: int = 5, dim: int = 320, ffn:
                      preset="bbf-s (shipped)")
         for bm, bn, w, st in PLAYER_SWEEP:
             c = attn_tt.AttnConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-            try:
-                out = attn_tt.launch(q, k, v, None, D**-0.5, c)
-                torch.cuda.synchronize()
-            except Exception as ex:  # noqa: BLE001 - a config that does not compile is reported and skipped
-                print(f"player sweep {c}: failed ({type(ex).__name__}: {str(ex).splitlines()[0][:200]})")
+            if (got := _try_config(q, k, v, D, c, "player sweep")) is None:
                 continue
-            t = timed(lambda: attn_tt.launch(q, k, v, None, D**-0.5, c))
+            out, t = got
             rows.add("player_attention", "triton", shape, t, flops=flops, err=_err(out[:, idx], oracle),
                      preset="bbf-s (shipped)", config=asdict(c))
         out = attn_tt.attention(q, k, v)
