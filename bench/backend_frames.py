@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(a.device)
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     W, H = (int(v) for v in a.size.split("x"))
-    rows = Rows(a.out, {**_versions(dev), **({"git": a.git_sha} if a.git_sha else {}), "name": "backend_frames",
+    rows = Rows(a.out, {**_versions(dev, a.git_sha), "name": "backend_frames",
                         "size": [W, H], "steps": a.steps, "weights": Path(a.model).name,
                         "dtype": "bf16" if dt == torch.bfloat16 else "fp32"}, 1e9)
     model = load_model(a.model, device=dev, dtype=dt)

@@ -102,11 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _versions(dev: torch.device) -> dict:
-    try:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        sha = "unknown"
+def _versions(dev: torch.device, git_sha: str | None = None) -> dict:
+    """Versions for every row; `git_sha` (a device copy has no .git) stands in for the checkout's HEAD."""
+    sha = git_sha
+    if not sha:
+        try:
+            sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                 text=True).stdout.strip()
+        except OSError:
+            sha = "unknown"
     try:
         import triton
 
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:  # rows then carry no % of peak
         print(f"bench_e2e: matmul ceiling not measured: {e}", file=sys.stderr)
         ceiling = None
-    rows = Rows(a.out, {**_versions(dev), **({"git": a.git_sha} if a.git_sha else {}),
+    rows = Rows(a.out, {**_versions(dev, a.git_sha),
                         "args": {k: v for k, v in vars(a).items() if k not in ("out", "git_sha")}}, a.budget_s)
     cases: dict = {}
     # the ladders first, then the peers (compiling is the slowest part and the budget cuts from the end)

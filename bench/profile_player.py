@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     acts = [ProfilerActivity.CUDA] if dev.type == "cuda" else [ProfilerActivity.CPU]
     W, H = (int(v) for v in a.size.split("x"))
     batches = [int(b) for b in a.batches.split(",")]
-    rows = Rows(a.out, {**_versions(dev), **({"git": a.git_sha} if a.git_sha else {}), "name": "profile_player", "size": [W, H], "steps": a.steps, "weights": Path(a.model).name}, 1e9)
+    rows = Rows(a.out, {**_versions(dev, a.git_sha), "name": "profile_player", "size": [W, H], "steps": a.steps, "weights": Path(a.model).name}, 1e9)
     model = load_model(a.model, device=dev, dtype=torch.bfloat16)
     eng = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True), dev, torch.bfloat16, denoiser=CUDAGraphDenoiser(model.dit))
     frames = panning_frames(max(batches) + 1, H, W)
