@@ -66,6 +66,16 @@ def _combine(MEAN, M2, STATS, L, NCH, eps, CHUNK: tl.constexpr, CB: tl.constexpr
 
 
 @triton.jit
+def _silu_round(y, SILU: tl.constexpr, RNE: tl.constexpr):
+    """The shared epilogue of both apply kernels: optional SiLU, then optional bf16 round-to-nearest-even."""
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    if RNE:
+        y = rne_bf16(y)
+    return y
+
+
+@triton.jit
 def _apply(X, W, B, STATS, OUT, L, HW, C, CG, G,
            HAS_W: tl.constexpr, HAS_B: tl.constexpr, SILU: tl.constexpr, RNE: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -80,10 +90,7 @@ def _apply(X, W, B, STATS, OUT, L, HW, C, CG, G,
         y = y * tl.load(W + c, mask=mask, other=1.0).to(tl.float32)
     if HAS_B:
         y = y + tl.load(B + c, mask=mask, other=0.0).to(tl.float32)
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
-    if RNE:
-        y = rne_bf16(y)
+    y = _silu_round(y, SILU, RNE)
     tl.store(OUT + row * L + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -122,10 +129,7 @@ def _apply_nhwc(X, W, B, STATS, OUT, HW, G, C: tl.constexpr, CG: tl.constexpr,
         y = y * tl.load(W + c).to(tl.float32)[None, :]
     if HAS_B:
         y = y + tl.load(B + c).to(tl.float32)[None, :]
-    if SILU:
-        y = y / (1.0 + tl.exp(-y))
-    if RNE:
-        y = rne_bf16(y)
+    y = _silu_round(y, SILU, RNE)
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=pm)
 
 
