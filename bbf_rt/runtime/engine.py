@@ -131,16 +131,14 @@ class Engine:
         if device.type == "cuda" and hasattr(model.vae, "use_channels_last"):
             # NHWC convs without transposes (CompactVAE.use_channels_last); sets the model's VAE in place
             model.vae.use_channels_last(runtime.vae_channels_last)
-        # pixels -> latents and latents -> uint8 NHWC, each with its elementwise pre/post-processing, so a
-        # CUDA graph captures the whole conversion along with the VAE (no separate launches around it)
-        self._vae_enc, self._vae_dec = self._encode_pixels, self._decode_uint8
+        self._vae_enc, self._vae_dec = model.vae.encode_frames, model.vae.decode_frames
         if device.type == "cuda" and runtime.cuda_graphs:
             # the VAE at 720p is ~60 launches per call, launch bound once its GroupNorms are fused:
             # replayed per input shape (4 kept), outputs cloned out (bench/profile_player.py measures it)
             from bbf_rt.runtime.graphs import CUDAGraphDenoiser
 
-            enc = CUDAGraphDenoiser(lambda x, s: self._encode_pixels(x), max_graphs=4)
-            dec = CUDAGraphDenoiser(lambda z, s: self._decode_uint8(z), max_graphs=4)
+            enc = CUDAGraphDenoiser(lambda x, s: model.vae.encode_frames(x), max_graphs=4)
+            dec = CUDAGraphDenoiser(lambda z, s: model.vae.decode_frames(z), max_graphs=4)
             unit = torch.zeros(1, device=device)
             self._vae_enc, self._vae_dec = (lambda x: enc(x, unit)), (lambda z: dec(z, unit))
 
@@ -163,28 +161,16 @@ class Engine:
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> (N, C, h, w) latents of the frames padded by edge replication."""
-        return self._vae_enc(pixels)
-
-    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """encode() without the graph: [0, 1] -> [-1, 1], edge-replicated to the padded size, VAE dtype."""
         H, W = pixels.shape[-2:]
         Hp, Wp = self.padded_size(H, W)
-        x = pixels * 2 - 1
-        if (Hp, Wp) != (H, W):
-            x = F.pad(x, (0, Wp - W, 0, Hp - H), mode="replicate")
-        return self.model.vae.encode_frames(x.to(self.dtype))
-
-    def _decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
-        """decode() without the graph and the crop: latents -> (N, Hp, Wp, 3) contiguous uint8 on the device."""
-        x = self.model.vae.decode_frames(latents.to(self.dtype)).float()
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        x = F.pad(pixels * 2 - 1, (0, Wp - W, 0, Hp - H), mode="replicate") if (Hp, Wp) != (H, W) else pixels * 2 - 1
+        return self._vae_enc(x.to(self.dtype))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
         """(N, C, h, w) -> (N, height, width, 3) uint8, cropped back from the padded size."""
-        x = self._vae_dec(latents)
-        if tuple(x.shape[1:3]) != (height, width):
-            x = x[:, :height, :width]
+        x = self._vae_dec(latents.to(self.dtype)).float()
+        x = ((x[..., :height, :width].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
         if self._staging is not None:
             return self._staging.download(x.contiguous())
         return x.cpu().numpy()
