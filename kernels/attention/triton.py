@@ -242,13 +242,12 @@ def _capability(device: torch.device) -> tuple[int, int]:
 SHORT_LQ = 4096  # query lengths up to this use the short-sequence tiles (default_config)
 
 
-def default_config(head_dim: int, lk: int, device: torch.device, lq: int | None = None) -> AttnConfig:
+def default_config(head_dim: int, lq: int, device: torch.device) -> AttnConfig:
     """Launch parameters measured best on the H100 (bench/bench_ops.py; docs/kernels.md). At 32760 tokens
     (--sweep): head dim 128: 128 x 128 tiles, 8 warps, 3 stages, 558 TFLOP/s; head dim 64: 128 x 64, 458.
     Short query sequences (lq <= 4096, e.g. bbf-s at 720p: 3600 tokens, 5 heads of 64) leave 128-row tiles
     at about one wave of the GPU's SMs; there 64 x 64 tiles, 4 warps, 3 stages measured 289 vs 227 TFLOP/s
     at batch 1 and 383 vs 351 at batch 4 (--only player, ops-player-h100.jsonl). 4096-32760 is unmeasured."""
-    lq = lk if lq is None else lq
     if head_dim <= 64 and lq <= SHORT_LQ:
         cfg = AttnConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
     elif head_dim <= 64:
@@ -298,7 +297,7 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
-    cfg = cfg or default_config(D, Lk, q.device, Lq)
+    cfg = cfg or default_config(D, Lq, q.device)
     if cfg.loader not in LOADERS:
         raise ValueError(f"attention: loader {cfg.loader!r}; allowed: {LOADERS}")
     block_d = triton.next_power_of_2(D)
