@@ -30,6 +30,8 @@ from bbf_rt.kernels.attention import reference as attn_ref
 from bbf_rt.kernels.attention import triton as attn_tt
 from bbf_rt.kernels.gated_residual import reference as gr_ref
 from bbf_rt.kernels.gated_residual import triton as gr_tt
+from bbf_rt.kernels.conv_epilogue import reference as ce_ref
+from bbf_rt.kernels.conv_epilogue import triton as ce_tt
 from bbf_rt.kernels.group_norm import reference as gn_ref
 from bbf_rt.kernels.group_norm import triton as gn_tt
 from bbf_rt.kernels.norm_modulate import reference as nm_ref
@@ -244,6 +246,46 @@ def bench_group_norm(rows: Rows, compile_glue: bool) -> None:
         del sets, a, oracle
 
 
+def _torch_epilogue(y, b, r):  # what the VAE ran before the kernel: the conv's bias add, then `r + h`
+    return r + (y + b.view(1, -1, 1, 1))
+
+
+def bench_conv_epilogue(rows: Rows, compile_glue: bool, N: int = 4) -> None:
+    """The VAE's conv epilogues at the bbf-s decoder's channels-last 720p activations (N = 4 frames):
+    bias + residual in one pass, and nearest 2x upsampling, against torch eager (and compiled)."""
+    cl = torch.channels_last
+    for C, H, W in ((32, 720, 1280), (32, 360, 640), (64, 180, 320), (128, 90, 160)):
+        def make(i):
+            return (torch.randn(N, C, H, W, device=DEV, dtype=BF16).contiguous(memory_format=cl),
+                    torch.randn(C, device=DEV, dtype=BF16),
+                    torch.randn(N, C, H, W, device=DEV, dtype=BF16).contiguous(memory_format=cl))
+        sets, nxt = _rotating(make)
+        a = sets[0]
+        oracle = ce_ref.conv_epilogue(*[t.float() for t in a])
+        ref_err = _err(_torch_epilogue(*a), oracle)
+        backends = [("triton", ce_tt.conv_epilogue), ("eager", _torch_epilogue)]
+        if compile_glue:
+            backends.append(("compile", torch.compile(_torch_epilogue, fullgraph=True, dynamic=False)))
+        for bname, fn in backends:
+            err = _err(fn(*a), oracle)
+            t = timed(lambda: fn(*nxt()))
+            rows.add("conv_epilogue", bname, (N, C, H, W), t, nbytes=3 * a[0].numel() * 2, err=err, err_ref=ref_err,
+                     preset="bbf-s", layout="nhwc")
+        del sets, a, oracle
+        if C == 32 and H == 720:
+            continue  # the decoder upsamples into 720p, never from it
+        sets, nxt = _rotating(lambda i: (torch.randn(N, C, H, W, device=DEV, dtype=BF16).contiguous(memory_format=cl),))
+        up = [("triton", ce_tt.upsample_nearest2x), ("eager", ce_ref.upsample_nearest2x)]
+        if compile_glue:
+            up.append(("compile", torch.compile(ce_ref.upsample_nearest2x, fullgraph=True, dynamic=False)))
+        for bname, fn in up:
+            err = _err(fn(*sets[0]), ce_ref.upsample_nearest2x(sets[0][0]).float())
+            t = timed(lambda: fn(*nxt()))
+            rows.add("upsample_nearest2x", bname, (N, C, H, W), t, nbytes=5 * sets[0][0].numel() * 2, err=err,
+                     err_ref=0.0, preset="bbf-s", layout="nhwc")
+        del sets
+
+
 def bench_rope_configs(rows: Rows, L: int = 32760) -> None:
     """rms_norm_rope at launch parameters around its defaults (a small sweep, kept as rows)."""
     for preset in PRESETS:
@@ -422,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="one preset, short lengths (a smoke run)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd glue baselines")
     p.add_argument("--git-sha", default="unknown")
-    p.add_argument("--only", default="attention,cross,memory,group_norm,rope_configs,block,player",
+    p.add_argument("--only", default="attention,cross,memory,group_norm,conv_epilogue,rope_configs,block,player",
                    help="comma-separated sections to run (default: all)")
     p.add_argument("--ops", default="norm_modulate,gated_residual,rms_norm_rope", help="memory-bound ops to run")
     a = p.parse_args(argv)
@@ -447,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_memory_bound(rows, (32760, 75600), compile_glue=not a.no_compile, ops=set(a.ops.split(",")))
     if "group_norm" in only:
         bench_group_norm(rows, compile_glue=not a.no_compile)
+    if "conv_epilogue" in only:
+        bench_conv_epilogue(rows, compile_glue=not a.no_compile)
     if "rope_configs" in only:
         bench_rope_configs(rows)
     if "block" in only:

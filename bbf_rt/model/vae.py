@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bbf_rt import ops
@@ -157,6 +156,11 @@ def _norm_silu(norm: nn.GroupNorm, x: Tensor) -> Tensor:
     return ops.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps)
 
 
+def _conv(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """conv(x) (+ residual) through bbf_rt.ops (bias and residual in one Triton pass on CUDA)."""
+    return ops.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, residual)
+
+
 class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> 3x3 conv, twice, plus the identity; shape-preserving (N, C, H, W)."""
 
@@ -168,9 +172,8 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(_norm_silu(self.norm1, x))
-        h = self.conv2(_norm_silu(self.norm2, h))
-        return x + h
+        h = _conv(self.conv1, _norm_silu(self.norm1, x))
+        return _conv(self.conv2, _norm_silu(self.norm2, h), residual=x)
 
 
 class _Encoder(nn.Module):
@@ -197,11 +200,12 @@ class _Encoder(nn.Module):
         self.conv_out = nn.Conv2d(prev, cfg.latent_channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
+        h = _conv(self.conv_in, x)
         for stage in self.stages:
-            h = stage(h)
+            for layer in stage:
+                h = _conv(layer, h) if isinstance(layer, nn.Conv2d) else layer(h)
         h = self.mid(h)
-        return self.conv_out(_norm_silu(self.norm_out, h))
+        return _conv(self.conv_out, _norm_silu(self.norm_out, h))
 
 
 class _Decoder(nn.Module):
@@ -228,12 +232,11 @@ class _Decoder(nn.Module):
         self.conv_out = nn.Conv2d(prev, 3, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(_conv(self.conv_in, z))
         for stage in self.stages:
             h = stage["blocks"](h)
-            h = F.interpolate(h, scale_factor=2.0, mode="nearest")
-            h = stage["conv"](h)
-        return self.conv_out(_norm_silu(self.norm_out, h))
+            h = _conv(stage["conv"], ops.upsample_nearest2x(h))
+        return _conv(self.conv_out, _norm_silu(self.norm_out, h))
 
 
 class CompactVAE(VideoVAE):

@@ -1,0 +1,112 @@
+"""The VAE's convolution epilogues (kernels/conv_epilogue): bias + residual in one pass, nearest 2x upsampling.
+
+Same rules as tests/test_kernels.py: the Triton interpreter on the CPU (small shapes), compiled kernels on
+a GPU; errors against an fp32 oracle at most 2x plain PyTorch's at the same precision.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first import of triton and of the kernels
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install 'bbf-rt[kernels]')")
+
+from bbf_rt import ops  # noqa: E402
+from bbf_rt.kernels.conv_epilogue import reference as ce_ref  # noqa: E402
+from bbf_rt.kernels.conv_epilogue import triton as ce_tt  # noqa: E402
+from models import within_2x  # noqa: E402
+
+DEV = torch.device("cuda" if CUDA else "cpu")
+CASES = [(2, 32, 5, 7), (1, 3, 9, 4), (3, 16, 1, 1), (1, 128, 4, 6), (2, 12, 3, 5)]  # (N, C, H, W)
+LAYOUTS = ["nchw", "nhwc"]
+
+
+def _t(shape, layout, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    t = (torch.randn(*shape, generator=g) * scale).to(DEV, dtype)
+    return t.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("with_bias,with_res", [(True, True), (True, False), (False, True)], ids=["b+r", "b", "r"])
+def test_conv_epilogue_matches_oracle(case, layout, dtype, with_bias, with_res):
+    y = _t(case, layout, dtype, 0, 4.0)
+    b = _t((case[1],), "nchw", dtype, 1) if with_bias else None
+    r = _t(case, layout, dtype, 2, 4.0) if with_res else None
+    out = ce_tt.conv_epilogue(y, b, r)
+    assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride()  # layout kept
+    low = y if b is None else y + b.view(1, -1, 1, 1)  # what torch ran: bias add, then `residual + h`
+    low = low if r is None else r + low
+    up = lambda t: None if t is None else t.float()  # noqa: E731
+    within_2x(out, low, ce_ref.conv_epilogue(y.float(), up(b), up(r)), "conv_epilogue")
+
+
+def test_conv_epilogue_takes_a_residual_in_the_other_layout():
+    y = _t((2, 8, 5, 6), "nhwc", torch.bfloat16, 0)
+    r = _t((2, 8, 5, 6), "nchw", torch.bfloat16, 1)
+    b = _t((8,), "nchw", torch.bfloat16, 2)
+    torch.testing.assert_close(ce_tt.conv_epilogue(y, b, r), ce_ref.conv_epilogue(y, b, r), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_upsample_nearest2x_is_torchs_exactly(case, layout):
+    x = _t(case, layout, torch.bfloat16, 3)
+    out = ce_tt.upsample_nearest2x(x)
+    ref = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    assert torch.equal(out, ref)
+    # channels-last stays channels-last (a 1x1 input is both: answered NCHW)
+    fmt = torch.channels_last if ce_tt.layout(x) == "nhwc" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    assert (ce_tt.layout(x) == "nhwc") == (layout == "nhwc" and x[0, 0].numel() > 1)
+
+
+def test_rejects_bad_shapes():
+    y = _t((1, 4, 3, 3), "nchw", torch.float32, 0)
+    with pytest.raises(ValueError, match="bias"):
+        ce_tt.conv_epilogue(y, y[0, 0, 0], None)
+    with pytest.raises(ValueError, match="residual"):
+        ce_tt.conv_epilogue(y, None, y[:, :2])
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        ce_tt.upsample_nearest2x(y[0])
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
+def test_ops_conv2d_equals_the_module_plus_residual(stride, padding):
+    """ops.conv2d through the kernel vs nn.Conv2d then `residual + h`, the VAE's code before the kernel."""
+    conv = torch.nn.Conv2d(8, 16, 3 if padding else 1, stride=stride, padding=padding).to(DEV, torch.bfloat16)
+    x = _t((2, 8, 9, 10), "nhwc", torch.bfloat16, 4)
+    conv = conv.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = conv(x)
+        res = _t(tuple(ref.shape), "nhwc", torch.bfloat16, 5)
+        oracle = res.float() + F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride, padding)
+        with ops.implementation("triton"):
+            out = ops.conv2d(x, conv.weight, conv.bias, stride, padding, residual=res)
+        with ops.implementation("reference"):
+            low = ops.conv2d(x, conv.weight, conv.bias, stride, padding, residual=res)
+    torch.testing.assert_close(low, res + ref, atol=0, rtol=0)  # the reference is the old code, exactly
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    within_2x(out, low, oracle, "ops.conv2d")
+
+
+def test_opcheck_and_compile():
+    y = _t((2, 8, 5, 6), "nhwc", torch.bfloat16, 0)
+    b = _t((8,), "nchw", torch.bfloat16, 1)
+    epi, up = torch.ops.bbf_rt.conv_epilogue, torch.ops.bbf_rt.upsample_nearest2x
+    for op, args in ((epi, (y, b, y)), (epi, (y, None, None)), (up, (y,)), (up, (y.contiguous(),))):
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    fn = torch.compile(lambda t: ops.upsample_nearest2x(ops.conv2d(t, w, b, 1, 1, residual=t)) * 2, fullgraph=True,
+                       backend="inductor" if CUDA else "aot_eager")
+    w = _t((8, 8, 3, 3), "nhwc", torch.bfloat16, 2)
+    with ops.implementation("triton"):
+        got, eager = fn(y), ops.upsample_nearest2x(ops.conv2d(y, w, b, 1, 1, residual=y)) * 2
+    torch.testing.assert_close(got, eager, atol=0, rtol=0)
