@@ -172,7 +172,12 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
 
     On CUDA the convolution runs without its bias and one Triton pass adds bias and residual: torch adds
     a cuDNN convolution's bias in a pass of its own (on channels-last activations its non-vectorised
-    broadcast path) and the residual in another. Elsewhere exactly `residual + F.conv2d(...)`."""
+    broadcast path) and the residual in another; 3x3 convolutions with few input or output channels (the
+    RGB ends) run kernels/thin_conv instead of cuDNN. Elsewhere exactly `residual + F.conv2d(...)`."""
+    if residual is None:
+        thin = _triton_module("thin_conv", x)
+        if thin is not None and thin.applies(x, weight, stride, padding):
+            return thin.thin_conv3x3(x, weight, bias)
     mod = _triton_module("conv_epilogue", x)
     if mod is not None:
         return mod.conv_epilogue(torch.nn.functional.conv2d(x, weight, None, stride, padding), bias, residual)

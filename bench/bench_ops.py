@@ -33,6 +33,7 @@ from bbf_rt.kernels.gated_residual import triton as gr_tt
 from bbf_rt.kernels.conv_epilogue import reference as ce_ref
 from bbf_rt.kernels.conv_epilogue import triton as ce_tt
 from bbf_rt.kernels.group_norm import reference as gn_ref
+from bbf_rt.kernels.thin_conv import triton as tc_tt
 from bbf_rt.kernels.group_norm import triton as gn_tt
 from bbf_rt.kernels.norm_modulate import reference as nm_ref
 from bbf_rt.kernels.norm_modulate import triton as nm_tt
@@ -286,6 +287,32 @@ def bench_conv_epilogue(rows: Rows, compile_glue: bool, N: int = 4) -> None:
         del sets
 
 
+def bench_thin_conv(rows: Rows, N: int = 4) -> None:
+    """The VAE's RGB-end 3x3 convs at 720p, channels-last bf16: kernels/thin_conv at a few launch configs
+    vs cuDNN (F.conv2d with its bias, as the VAE ran them)."""
+    cl = torch.channels_last
+    for cin, cout in ((3, 32), (32, 3)):
+        def make(i):
+            return (torch.randn(N, cin, 720, 1280, device=DEV, dtype=BF16).contiguous(memory_format=cl),
+                    (torch.randn(cout, cin, 3, 3, device=DEV, dtype=BF16) * 0.2).contiguous(memory_format=cl),
+                    torch.randn(cout, device=DEV, dtype=BF16))
+        sets, nxt = _rotating(make)
+        a = sets[0]
+        oracle = F.conv2d(a[0].float(), a[1].float(), a[2].float(), 1, 1)
+        ref_err = _err(F.conv2d(a[0], a[1], a[2], 1, 1), oracle)
+        flops = 2 * N * 720 * 1280 * cin * cout * 9
+        nbytes = N * 720 * 1280 * (cin + cout) * 2
+        backends = [(f"triton_bp{bp}_w{w}", lambda x, wt, b, bp=bp, w=w: tc_tt.launch(x, wt, b, bp, w))
+                    for bp in (64, 128, 256) for w in (4, 8)]
+        backends.append(("cudnn", lambda x, wt, b: F.conv2d(x, wt, b, 1, 1)))
+        for bname, fn in backends:
+            err = _err(fn(*a), oracle)
+            t = timed(lambda: fn(*nxt()))
+            rows.add("thin_conv3x3", bname, (N, cin, 720, 1280), t, flops=flops, nbytes=nbytes, err=err, err_ref=ref_err,
+                     preset="bbf-s", layout="nhwc", cout=cout)
+        del sets, a, oracle
+
+
 def bench_rope_configs(rows: Rows, L: int = 32760) -> None:
     """rms_norm_rope at launch parameters around its defaults (a small sweep, kept as rows)."""
     for preset in PRESETS:
@@ -491,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_group_norm(rows, compile_glue=not a.no_compile)
     if "conv_epilogue" in only:
         bench_conv_epilogue(rows, compile_glue=not a.no_compile)
+        bench_thin_conv(rows)
     if "rope_configs" in only:
         bench_rope_configs(rows)
     if "block" in only:

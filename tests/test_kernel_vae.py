@@ -1,4 +1,4 @@
-"""The VAE's convolution epilogues (kernels/conv_epilogue): bias + residual in one pass, nearest 2x upsampling.
+"""The VAE's convolution kernels: kernels/conv_epilogue (bias + residual, nearest 2x) and kernels/thin_conv.
 
 Same rules as tests/test_kernels.py: the Triton interpreter on the CPU (small shapes), compiled kernels on
 a GPU; errors against an fp32 oracle at most 2x plain PyTorch's at the same precision.
@@ -110,3 +110,69 @@ def test_opcheck_and_compile():
     with ops.implementation("triton"):
         got, eager = fn(y), ops.upsample_nearest2x(ops.conv2d(y, w, b, 1, 1, residual=y)) * 2
     torch.testing.assert_close(got, eager, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- thin_conv (the VAE's RGB ends)
+
+from bbf_rt.kernels.thin_conv import reference as tc_ref  # noqa: E402
+from bbf_rt.kernels.thin_conv import triton as tc_tt  # noqa: E402
+
+THIN = [(2, 3, 32, 9, 13), (1, 32, 3, 6, 7), (1, 4, 16, 1, 5), (2, 64, 4, 5, 3), (1, 2, 8, 17, 3)]  # N Cin Cout H W
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", THIN, ids=lambda c: "x".join(map(str, c)))
+def test_thin_conv_matches_oracle(case, layout, dtype):
+    N, cin, cout, H, W = case
+    x = _t((N, cin, H, W), layout, dtype, 0)
+    w = _t((cout, cin, 3, 3), "nchw", dtype, 1, 0.3)
+    b = _t((cout,), "nchw", dtype, 2)
+    assert tc_tt.applies(x, w, 1, 1)
+    out = tc_tt.thin_conv3x3(x, w, b)
+    assert out.dtype == dtype and out.shape == (N, cout, H, W)
+    fmt = torch.channels_last if layout == "nhwc" and H * W > 1 else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)  # channels-last in, channels-last out
+    low = tc_ref.thin_conv3x3(x, w, b)  # cuDNN / the CPU's conv at the same precision
+    within_2x(out, low, tc_ref.thin_conv3x3(x.float(), w.float(), b.float()), "thin_conv3x3")
+
+
+def test_thin_conv_takes_only_its_shapes():
+    x = _t((1, 32, 4, 4), "nhwc", torch.bfloat16, 0)
+    wide = _t((32, 32, 3, 3), "nchw", torch.bfloat16, 1)
+    assert not tc_tt.applies(x, wide, 1, 1)  # cuDNN's case
+    assert not tc_tt.applies(x, wide[:3], 2, 1) and not tc_tt.applies(x, wide[:3], 1, 0)
+    assert not tc_tt.applies(x, wide[:3, :, :1, :1], 1, 1)
+    with pytest.raises(ValueError, match="3x3"):
+        tc_tt.thin_conv3x3(x, wide, None)
+    with pytest.raises(ValueError, match="bias"):
+        tc_tt.thin_conv3x3(x, wide[:3], wide[0, 0, 0, :2])
+
+
+def test_opcheck_thin_conv():
+    x = _t((2, 3, 5, 6), "nhwc", torch.bfloat16, 0)
+    w = _t((16, 3, 3, 3), "nchw", torch.bfloat16, 1)
+    for args in ((x, w, w[:, 0, 0, 0]), (x.contiguous(), w, None)):
+        torch.library.opcheck(torch.ops.bbf_rt.thin_conv3x3, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@torch.no_grad()
+def test_vae_with_every_conv_kernel_matches_references():
+    """The default-config VAE's convolutions through ops.conv2d (thin_conv at both RGB ends, the epilogue
+    elsewhere) and the upsample kernel vs the references, channels-last bf16, fp32 oracle."""
+    from bbf_rt.model.vae import CompactVAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = CompactVAE(VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2))).to(DEV).eval()
+    frames = (torch.rand(2, 3, 16, 24) * 2 - 1).to(DEV)
+    with ops.implementation("reference"):
+        oracle = vae.decode_frames(vae.encode_frames(frames))
+    low = vae.to(torch.bfloat16).use_channels_last()
+    x = frames.to(torch.bfloat16)
+    with ops.implementation("reference"):
+        ref = low.decode_frames(low.encode_frames(x))
+    with ops.implementation("triton"):
+        out = low.decode_frames(low.encode_frames(x))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    within_2x(out, ref, oracle, "VAE with the conv kernels")
