@@ -302,8 +302,9 @@ def bench_thin_conv(rows: Rows, N: int = 4) -> None:
         ref_err = _err(F.conv2d(a[0], a[1], a[2], 1, 1), oracle)
         flops = 2 * N * 720 * 1280 * cin * cout * 9
         nbytes = N * 720 * 1280 * (cin + cout) * 2
-        backends = [(f"triton_bp{bp}_w{w}", lambda x, wt, b, bp=bp, w=w: tc_tt.launch(x, wt, b, bp, w))
-                    for bp in (64, 128, 256) for w in (4, 8)]
+        backends = [(f"triton_{'taps' if taps else 'im2col'}_bp{bp}_w{w}",
+                     lambda x, wt, b, bp=bp, w=w, taps=taps: tc_tt.launch(x, wt, b, bp, w, taps))
+                    for taps in (False, True) for bp in (64, 128, 256) for w in (4, 8)]
         backends.append(("cudnn", lambda x, wt, b: F.conv2d(x, wt, b, 1, 1)))
         for bname, fn in backends:
             err = _err(fn(*a), oracle)

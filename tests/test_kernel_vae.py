@@ -123,13 +123,17 @@ THIN = [(2, 3, 32, 9, 13), (1, 32, 3, 6, 7), (1, 4, 16, 1, 5), (2, 64, 4, 5, 3),
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("case", THIN, ids=lambda c: "x".join(map(str, c)))
-def test_thin_conv_matches_oracle(case, layout, dtype):
+@pytest.mark.parametrize("kernel", ["default", "im2col", "taps"])
+def test_thin_conv_matches_oracle(case, layout, dtype, kernel):
     N, cin, cout, H, W = case
     x = _t((N, cin, H, W), layout, dtype, 0)
     w = _t((cout, cin, 3, 3), "nchw", dtype, 1, 0.3)
     b = _t((cout,), "nchw", dtype, 2)
     assert tc_tt.applies(x, w, 1, 1)
-    out = tc_tt.thin_conv3x3(x, w, b)
+    if kernel == "default":
+        out = tc_tt.thin_conv3x3(x, w, b)
+    else:  # both kernels at every shape, a block narrower than the row (edges inside a row of programs)
+        out = tc_tt.launch(x, w, b, bp=16, taps=kernel == "taps")
     assert out.dtype == dtype and out.shape == (N, cout, H, W)
     fmt = torch.channels_last if layout == "nhwc" and H * W > 1 else torch.contiguous_format
     assert out.is_contiguous(memory_format=fmt)  # channels-last in, channels-last out

@@ -58,6 +58,42 @@ def _conv3x3(X, Wt, B, OUT, H, W, sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, s
     tl.store(OUT + n * son + co[None, :] * soc + y * soh + xs[:, None] * sow, acc.to(OUT.dtype.element_ty), mask=om)
 
 
+@triton.jit
+def _conv3x3_taps(X, Wt, B, OUT, H, W, sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, soc, soh, sow,
+                  CIN: tl.constexpr, COUT: tl.constexpr, CP: tl.constexpr, BN: tl.constexpr, BP: tl.constexpr,
+                  HAS_B: tl.constexpr, F32: tl.constexpr, RNE: tl.constexpr):
+    """Cin >= 8: one (BP, Cin) tile per tap, its column index plain arange(Cin) (contiguous, so vector
+    loads in NHWC) and int32 offsets from a per-row base pointer; the rows above and below the frame are
+    skipped, the columns outside it masked. (The gathered im2col tile of `_conv3x3`, whose channel index is
+    k % Cin, loaded element by element: the 32 -> 3 conv ran at 27% of the copy rate.)"""
+    xs = tl.program_id(0) * BP + tl.arange(0, BP)
+    y = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    co = tl.arange(0, BN)
+    ci = tl.arange(0, CP)
+    wm = (ci < CIN)[:, None] & (co < COUT)[None, :]
+    acc = tl.zeros([BP, BN], dtype=tl.float32)
+    for dy in tl.static_range(3):
+        yy = y + dy - 1
+        if (yy >= 0) & (yy < H):
+            row = X + n * sxn + yy * sxh
+            for dx in tl.static_range(3):
+                xx = xs + (dx - 1)
+                m = ((xx >= 0) & (xx < W))[:, None] & (ci < CIN)[None, :]
+                a = tl.load(row + (xx[:, None] * sxw + ci[None, :] * sxc), mask=m, other=0.0)
+                w = tl.load(Wt + co[None, :] * swo + ci[:, None] * swi + dy * swh + dx * sww, mask=wm, other=0.0)
+                if F32:
+                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(a, w)
+    if HAS_B:
+        acc += tl.load(B + co, mask=co < COUT, other=0.0).to(tl.float32)[None, :]
+    if RNE:
+        acc = rne_bf16(acc)
+    om = (xs < W)[:, None] & (co < COUT)[None, :]
+    tl.store(OUT + n * son + y * soh + (xs[:, None] * sow + co[None, :] * soc), acc.to(OUT.dtype.element_ty), mask=om)
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     """True for the shapes this kernel is for: a 3x3, stride 1, padding 1 conv of a 4-D float16/bfloat16/
     float32 x with Cin <= 4 (9 * Cin fits one K tile) or Cout <= 4 and 9 * Cin <= MAX_K."""
@@ -71,7 +107,9 @@ def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bp: int = 128,
-           num_warps: int = 4) -> torch.Tensor:
+           num_warps: int = 4, taps: bool | None = None) -> torch.Tensor:
+    """thin_conv3x3 at explicit launch parameters; taps: the per-tap kernel (None: for Cin >= 8) or the
+    gathered im2col one."""
     N, cin, H, W = x.shape
     cout = weight.shape[0]
     fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
@@ -80,14 +118,15 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bp:
     if out.numel() == 0:
         return out
     w = weight.to(x.dtype)
-    bk = max(16, min(64, triton.next_power_of_2(9 * cin)))
-    if cin >= 16:
-        bk = triton.next_power_of_2(cin) if cin & (cin - 1) == 0 else bk  # one tap per K tile: contiguous rows
     grid = (triton.cdiv(W, bp), H, N)
-    wrap_triton(_conv3x3)[grid](
-        x, w, bias if bias is not None else w, out, H, W, *x.stride(), *w.stride(), *out.stride(),
-        CIN=cin, COUT=cout, BN=max(16, triton.next_power_of_2(cout)), BK=bk, BP=bp, HAS_B=bias is not None,
-        F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16), RNE=INTERPRET and x.dtype == torch.bfloat16, num_warps=num_warps)
+    args = (x, w, bias if bias is not None else w, out, H, W, *x.stride(), *w.stride(), *out.stride())
+    common = dict(CIN=cin, COUT=cout, BN=max(16, triton.next_power_of_2(cout)), BP=bp, HAS_B=bias is not None,
+                  F32=x.dtype == torch.float32 or (INTERPRET and x.dtype == torch.bfloat16),
+                  RNE=INTERPRET and x.dtype == torch.bfloat16, num_warps=num_warps)
+    if taps if taps is not None else cin >= 8:
+        wrap_triton(_conv3x3_taps)[grid](*args, CP=max(16, triton.next_power_of_2(cin)), **common)
+    else:
+        wrap_triton(_conv3x3)[grid](*args, BK=max(16, min(64, triton.next_power_of_2(9 * cin))), **common)
     return out
 
 
