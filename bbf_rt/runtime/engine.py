@@ -197,9 +197,12 @@ class Engine:
         B, Fr = len(jobs), n_t.pop()
         C, h, w = jobs[0].lat0.shape
         dev, dt = self.device, self.dtype
-        noise = torch.stack(
-            [torch.randn(Fr, C, h, w, generator=torch.Generator().manual_seed(self.rt.seed * 1_000_003 + j.key)) for j in jobs]
-        ).to(dev, dt)
+        # per-job noise from (seed, key), so a job's output does not depend on its batch mates; drawn on the
+        # device (the CPU's MT19937 plus a pageable copy held the GPU idle); CPU and CUDA streams differ
+        gdev = dev if dev.type == "cuda" else torch.device("cpu")
+        noise = torch.stack([
+            torch.randn(Fr, C, h, w, device=gdev, generator=torch.Generator(gdev).manual_seed(self.rt.seed * 1_000_003 + j.key))
+            for j in jobs]).to(dev, dt)
         kw = self._inputs(jobs, cond, height, width)
         # guidance only for modalities this batch has; an absent one would add an identical pass
         guided = [(m, s) for m, s in zip(self.guided, self.scales) if f"{m}_mask" in kw]
