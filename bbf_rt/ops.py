@@ -21,6 +21,7 @@ from bbf_rt.kernels.gated_residual import reference as _gr_ref
 from bbf_rt.kernels.group_norm import reference as _gn_ref
 from bbf_rt.kernels.int8_attention import reference as _i8_ref
 from bbf_rt.kernels.norm_modulate import reference as _nm_ref
+from bbf_rt.kernels.pixels import reference as _px_ref
 from bbf_rt.kernels.rope import reference as _rope_ref
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,15 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     if mod is not None:
         return mod.upsample_nearest2x(x)
     return _ce_ref.upsample_nearest2x(x)
+
+
+def to_uint8_nhwc(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Decoded (N, 3, H, W) frames in [-1, 1] -> (N, height, width, 3) uint8 of the top-left crop, rounded
+    to nearest (ties to even); on CUDA one Triton pass instead of five torch ops over an fp32 copy."""
+    mod = _triton_module("pixels", x)
+    if mod is not None:
+        return mod.to_uint8_nhwc(x, height, width)
+    return _px_ref.to_uint8_nhwc(x, height, width)
 
 
 def int8_attention(

@@ -180,3 +180,32 @@ def test_vae_with_every_conv_kernel_matches_references():
         out = low.decode_frames(low.encode_frames(x))
     assert out.is_contiguous(memory_format=torch.channels_last)
     within_2x(out, ref, oracle, "VAE with the conv kernels")
+
+
+# ---------------------------------------------------------------- pixels (decoded frames -> uint8)
+
+from bbf_rt.kernels.pixels import reference as px_ref  # noqa: E402
+from bbf_rt.kernels.pixels import triton as px_tt  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("crop", [(16, 24), (13, 21), (1, 1)])
+def test_to_uint8_is_the_engines_conversion_exactly(layout, dtype, crop):
+    x = _t((2, 3, 16, 24), layout, dtype, 0, 0.7)
+    # every rounding case: out of range both ways, 0 (-> 127.5, a tie), and values a bf16 step off ties
+    flat = torch.tensor([-3.0, -1.0, 1.0, 2.5, 0.0, 1 / 255, -1 / 255, 0.5, -0.5], dtype=dtype)
+    x[0, 0, 0, : flat.numel()] = flat.to(DEV)
+    out = px_tt.to_uint8_nhwc(x, *crop)
+    assert out.dtype == torch.uint8 and out.shape == (2, *crop, 3) and out.is_contiguous()
+    assert torch.equal(out, px_ref.to_uint8_nhwc(x, *crop))
+
+
+def test_to_uint8_rejects_bad_input():
+    x = _t((1, 3, 4, 4), "nchw", torch.float32, 0)
+    with pytest.raises(ValueError, match="crop"):
+        px_tt.to_uint8_nhwc(x, 5, 4)
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        px_tt.to_uint8_nhwc(x[:, :2], 4, 4)
+    torch.library.opcheck(torch.ops.bbf_rt.to_uint8_nhwc, (x, 3, 2),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bbf_rt import ops
 from bbf_rt.config import RuntimeConfig
 from bbf_rt.errors import BBFInputError
 from bbf_rt.model import BBFModel
@@ -169,10 +170,9 @@ class Engine:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
         """(N, C, h, w) -> (N, height, width, 3) uint8, cropped back from the padded size."""
-        x = self._vae_dec(latents.to(self.dtype)).float()
-        x = ((x[..., :height, :width].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+        x = ops.to_uint8_nhwc(self._vae_dec(latents.to(self.dtype)), height, width)
         if self._staging is not None:
-            return self._staging.download(x.contiguous())
+            return self._staging.download(x)
         return x.cpu().numpy()
 
     def difference(self, pix0: torch.Tensor, pix1: torch.Tensor) -> torch.Tensor:
