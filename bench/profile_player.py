@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             diff = eng.difference(pix[:-1], pix[1:])
             jobs = [DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=diff[i], taus=[0.5]) for i in range(B)]
             out = torch.stack([o[0] for o in eng.run(jobs, Conditions(), H, W)])
-            u8 = ((model.vae.decode_frames(out).float()[..., :H, :W].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            u8 = ops.to_uint8_nhwc(model.vae.decode_frames(out), H, W)  # (N, H, W, 3), as Engine.decode
             pinned = torch.empty(u8.shape, dtype=torch.uint8, pin_memory=dev.type == "cuda")
 
             pageable = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True, pinned_transfers=False), dev, torch.bfloat16,
@@ -115,9 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 "vae_encode": lambda: eng.encode(pix),
                 "difference": lambda: eng.difference(pix[:-1], pix[1:]),
                 "denoise_loop": lambda: eng.run(jobs, Conditions(), H, W),
-                "vae_decode_to_uint8": lambda: ((model.vae.decode_frames(out).float()[..., :H, :W].clamp(-1, 1) + 1) * 127.5)
-                .round().to(torch.uint8),
-                "download_pageable": lambda: u8.permute(0, 2, 3, 1).cpu().numpy(),
+                "vae_decode_to_uint8": lambda: ops.to_uint8_nhwc(model.vae.decode_frames(out), H, W),
+                "download_pageable": lambda: u8.cpu().numpy(),
                 "download_pinned": lambda: pinned.copy_(u8),
                 "clip": clip,
                 "clip_pageable_transfers": lambda: clip(pageable),
