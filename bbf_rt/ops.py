@@ -195,6 +195,18 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     return _ce_ref.upsample_nearest2x(x)
 
 
+def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv2d(upsample_nearest2x(x), weight, bias, padding=1) for a 3x3 weight (the VAE decoder's up
+    stages). On CUDA, channels-last: the sub-pixel form, one 3x3 conv at low resolution to 4 x Cout
+    channels (kernels/conv_epilogue subpixel_weight: 4/9 of the FLOPs) and one pass that pixel-shuffles
+    and adds the bias; the upsampled activation is never written. Elsewhere the two ops as written."""
+    mod = _triton_module("conv_epilogue", x)
+    if mod is not None and weight.shape[2:] == (3, 3) and x.is_contiguous(memory_format=torch.channels_last):
+        y = torch.nn.functional.conv2d(x, mod.subpixel_weight(weight), None, 1, 1)
+        return mod.shuffle_epilogue(y, bias)
+    return conv2d(upsample_nearest2x(x), weight, bias, 1, 1)
+
+
 def to_uint8_nhwc(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Decoded (N, 3, H, W) frames in [-1, 1] -> (N, height, width, 3) uint8 of the top-left crop, rounded
     to nearest (ties to even); on CUDA one Triton pass instead of five torch ops over an fp32 copy."""

@@ -211,3 +211,25 @@ def test_to_uint8_rejects_bad_input():
         px_tt.to_uint8_nhwc(x[:, :2], 4, 4)
     torch.library.opcheck(torch.ops.bbf_rt.to_uint8_nhwc, (x, 3, 2),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", [(2, 8, 16, 5, 7), (1, 16, 8, 1, 1), (1, 4, 12, 3, 9)], ids=lambda c: "x".join(map(str, c)))
+def test_upsample_conv_subpixel_equals_upsample_then_conv(case, dtype):
+    """The decoder's up stage as one low-res conv + pixel shuffle (ops.upsample_conv2d) vs the upsample
+    and conv it replaces: fp32 to rounding, bf16 under the 2x rule against the fp64 oracle."""
+    N, cin, cout, H, W = case
+    x = _t((N, cin, H, W), "nhwc", dtype, 0)
+    w = _t((cout, cin, 3, 3), "nchw", dtype, 1, 0.3).contiguous(memory_format=torch.channels_last)
+    b = _t((cout,), "nchw", dtype, 2)
+    with ops.implementation("triton"):
+        out = ops.upsample_conv2d(x, w, b)
+    with ops.implementation("reference"):
+        low = ops.upsample_conv2d(x, w, b)
+    oracle = F.conv2d(F.interpolate(x.double(), scale_factor=2.0, mode="nearest"), w.double(), b.double(), 1, 1)
+    assert out.shape == (N, cout, 2 * H, 2 * W) and out.is_contiguous(memory_format=torch.channels_last)
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), oracle, atol=1e-4, rtol=1e-4)
+    within_2x(out, low, oracle.float(), "upsample_conv2d")
+    with pytest.raises(ValueError, match="4C"):
+        ce_tt.shuffle_epilogue(x[:, :3], None)

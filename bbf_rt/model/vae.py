@@ -235,7 +235,7 @@ class _Decoder(nn.Module):
         h = self.mid(_conv(self.conv_in, z))
         for stage in self.stages:
             h = stage["blocks"](h)
-            h = _conv(stage["conv"], ops.upsample_nearest2x(h))
+            h = ops.upsample_conv2d(h, stage["conv"].weight, stage["conv"].bias)
         return _conv(self.conv_out, _norm_silu(self.norm_out, h))
 
 

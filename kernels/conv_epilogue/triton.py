@@ -50,6 +50,25 @@ def _up2(X, OUT, W, C: tl.constexpr, CP: tl.constexpr, BX: tl.constexpr):
     tl.store(OUT + o + w2 * C, v, mask=m)
 
 
+@triton.jit
+def _shuffle2(Y, BIAS, OUT, W, C: tl.constexpr, CP: tl.constexpr, BJ: tl.constexpr, HAS_B: tl.constexpr,
+              RNE: tl.constexpr):
+    """out[n, 2i + a, 2j + b, c] = y[n, i, j, 4c + 2a + b] (+ bias[c]): pixel shuffle by 2 into NHWC."""
+    row = tl.program_id(0).to(tl.int64)  # n * H + i
+    j = tl.program_id(1) * BJ + tl.arange(0, BJ)
+    c = tl.arange(0, CP)
+    m = (j < W)[:, None] & (c < C)[None, :]
+    b = tl.load(BIAS + c, mask=c < C, other=0.0).to(tl.float32) if HAS_B else tl.zeros([CP], tl.float32)
+    src = Y + (row * W + j[:, None]) * (4 * C) + 4 * c[None, :]
+    w2 = 2 * W
+    for ph in tl.static_range(4):
+        v = tl.load(src + ph, mask=m, other=0.0).to(tl.float32) + b[None, :]
+        if RNE:
+            v = rne_bf16(v)
+        dst = OUT + ((2 * row + ph // 2) * w2 + 2 * j[:, None] + ph % 2) * C + c[None, :]
+        tl.store(dst, v.to(OUT.dtype.element_ty), mask=m)
+
+
 def layout(t: torch.Tensor) -> str | None:
     """'nchw' or 'nhwc' for a dense 4-D tensor in one of those layouts (NCHW when both hold), else None."""
     if t.dim() != 4:
@@ -95,6 +114,26 @@ def _up2_impl(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _shuffle_impl(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = y.contiguous(memory_format=torch.channels_last)
+    N, C4, H, W = y.shape
+    C = C4 // 4
+    out = torch.empty((N, C, 2 * H, 2 * W), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+    if out.numel() == 0:
+        return out
+    cp = triton.next_power_of_2(C)
+    bj = max(1, min(triton.next_power_of_2(W), 2048 // cp))
+    wrap_triton(_shuffle2)[(N * H, triton.cdiv(W, bj))](
+        y, bias if bias is not None else y, out, W, C=C, CP=cp, BJ=bj, HAS_B=bias is not None,
+        RNE=INTERPRET and y.dtype == torch.bfloat16, num_warps=4)
+    return out
+
+
+def _shuffle_fake(y, bias):
+    N, C4, H, W = y.shape
+    return y.new_empty((N, C4 // 4, 2 * H, 2 * W)).contiguous(memory_format=torch.channels_last)
+
+
 def _epilogue_fake(y, bias, residual):
     return torch.empty_like(y) if layout(y) else torch.empty_like(y, memory_format=torch.contiguous_format)
 
@@ -110,7 +149,10 @@ if INTERPRET:  # wrap_triton cannot trace interpreted kernels: opaque custom ops
     _epi_op.register_fake(_epilogue_fake)
     _up_op = torch.library.custom_op("bbf_rt::upsample_nearest2x", _up2_impl, mutates_args=())
     _up_op.register_fake(_up2_fake)
+    _sh_op = torch.library.custom_op("bbf_rt::shuffle_epilogue", _shuffle_impl, mutates_args=())
+    _sh_op.register_fake(_shuffle_fake)
 else:
+    _sh_op = triton_op("bbf_rt::shuffle_epilogue", _shuffle_impl, mutates_args=())
     _epi_op = triton_op("bbf_rt::conv_epilogue", _epilogue_impl, mutates_args=())
     _up_op = triton_op("bbf_rt::upsample_nearest2x", _up2_impl, mutates_args=())
 
@@ -132,3 +174,27 @@ def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"upsample_nearest2x: x {tuple(x.shape)} must be (N, C, H, W)")
     return _up_op(x)
+
+
+def shuffle_epilogue(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """pixel_shuffle(y, 2) + bias[c], returned channels-last; y (N, 4C, H, W), bias (C,) or None."""
+    if y.dim() != 4 or y.shape[1] % 4:
+        raise ValueError(f"shuffle_epilogue: y {tuple(y.shape)} must be (N, 4C, H, W)")
+    if bias is not None and tuple(bias.shape) != (y.shape[1] // 4,):
+        raise ValueError(f"shuffle_epilogue: bias {tuple(bias.shape)} must be (C={y.shape[1] // 4},)")
+    return _sh_op(y, bias)
+
+
+def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The (4 Cout, Cin, 3, 3) weight whose 3x3 conv at low resolution, pixel-shuffled by 2, equals the
+    (Cout, Cin, 3, 3) conv (padding 1) of the nearest-2x-upsampled input: output phase (a, b) of a
+    low-res pixel reads its rows {-1: tap 0, 0: taps 1-2} (a = 0) or {0: taps 0-1, +1: tap 2} (a = 1),
+    columns likewise, so each phase's kernel is 2x2 sums of the taps (summed in fp32, in the weight's
+    dtype after; 16 of the 36 products per output, 4/9 of the full-resolution conv's FLOPs)."""
+    co, ci = weight.shape[:2]
+    # R[a][r][d] = 1 when, for phase a, low-res offset r (-1, 0, 1 -> 0, 1, 2) takes tap d
+    R = weight.new_zeros((2, 3, 3), dtype=torch.float32)
+    R[0, 0, 0] = R[0, 1, 1] = R[0, 1, 2] = 1.0
+    R[1, 1, 0] = R[1, 1, 1] = R[1, 2, 2] = 1.0
+    w = torch.einsum("ary,bsx,oiyx->oabirs", R, R, weight.float())  # (Cout, 2, 2, Cin, 3, 3)
+    return w.reshape(4 * co, ci, 3, 3).to(weight.dtype).contiguous(memory_format=torch.channels_last)
