@@ -233,3 +233,20 @@ def test_upsample_conv_subpixel_equals_upsample_then_conv(case, dtype):
     within_2x(out, low, oracle.float(), "upsample_conv2d")
     with pytest.raises(ValueError, match="4C"):
         ce_tt.shuffle_epilogue(x[:, :3], None)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (CUDA graph capture)")
+def test_vae_conv_ops_capture_in_a_cuda_graph():
+    """The engine replays the VAE as CUDA graphs: nothing in these ops may copy from the host."""
+    x = _t((2, 16, 6, 10), "nhwc", torch.bfloat16, 0)
+    w = _t((8, 16, 3, 3), "nchw", torch.bfloat16, 1, 0.3)
+    b = _t((8,), "nchw", torch.bfloat16, 2)
+    fn = lambda: ops.to_uint8_nhwc(ops.conv2d(ops.upsample_conv2d(x, w, b), w[:3, :8], b[:3], 1, 1), 12, 20)  # noqa: E731
+    eager = fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)

@@ -192,9 +192,13 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     columns likewise, so each phase's kernel is 2x2 sums of the taps (summed in fp32, in the weight's
     dtype after; 16 of the 36 products per output, 4/9 of the full-resolution conv's FLOPs)."""
     co, ci = weight.shape[:2]
-    # R[a][r][d] = 1 when, for phase a, low-res offset r (-1, 0, 1 -> 0, 1, 2) takes tap d
-    R = weight.new_zeros((2, 3, 3), dtype=torch.float32)
-    R[0, 0, 0] = R[0, 1, 1] = R[0, 1, 2] = 1.0
-    R[1, 1, 0] = R[1, 1, 1] = R[1, 2, 2] = 1.0
-    w = torch.einsum("ary,bsx,oiyx->oabirs", R, R, weight.float())  # (Cout, 2, 2, Cin, 3, 3)
+    w = weight.float()
+
+    def phases(t: torch.Tensor, dim: int) -> torch.Tensor:  # taps (0, 1, 2) on `dim` -> (2, ..., 3 offsets)
+        t0, t1, t2 = t.unbind(dim)
+        z = torch.zeros_like(t0)  # built on the device: no host copy, so this runs inside CUDA graph capture
+        return torch.stack([torch.stack([t0, t1 + t2, z], dim), torch.stack([z, t0 + t1, t2], dim)])
+
+    w = phases(phases(w, 2), 4)  # (b, a, Cout, Cin, 3, 3): a from the rows (dim 2), then b from the columns
+    w = w.permute(2, 1, 0, 3, 4, 5)  # (Cout, a, b, Cin, 3, 3)
     return w.reshape(4 * co, ci, 3, 3).to(weight.dtype).contiguous(memory_format=torch.channels_last)
