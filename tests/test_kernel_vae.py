@@ -178,10 +178,12 @@ def test_vae_with_every_conv_kernel_matches_references():
     x = frames.to(torch.bfloat16)
     with ops.implementation("reference"):
         ref = low.decode_frames(low.encode_frames(x))
-    with ops.implementation("triton"):
-        out = low.decode_frames(low.encode_frames(x))
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    within_2x(out, ref, oracle, "VAE with the conv kernels")
+    for subpixel in (False, True):
+        low.decoder.subpixel = subpixel
+        with ops.implementation("triton"):
+            out = low.decode_frames(low.encode_frames(x))
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        within_2x(out, ref, oracle, f"VAE with the conv kernels (subpixel={subpixel})")
 
 
 # ---------------------------------------------------------------- pixels (decoded frames -> uint8)
