@@ -27,6 +27,27 @@ MAX_COUT = 64
 
 
 @triton.jit
+def _mma(acc, a, w, F32: tl.constexpr):
+    """acc += a @ w; F32: fp32 inputs (and bf16 under the interpreter, whose bf16 dot is wrong) as exact
+    fp32 products."""
+    if F32:
+        return acc + tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(a, w)
+
+
+@triton.jit
+def _bias_store(acc, B, OUT, n, y, xs, co, W, son, soc, soh, sow, COUT: tl.constexpr, HAS_B: tl.constexpr,
+                RNE: tl.constexpr):
+    """The shared epilogue: + bias, one rounding, store the (pixels, Cout) tile of output row y."""
+    if HAS_B:
+        acc += tl.load(B + co, mask=co < COUT, other=0.0).to(tl.float32)[None, :]
+    if RNE:
+        acc = rne_bf16(acc)
+    om = (xs < W)[:, None] & (co < COUT)[None, :]
+    tl.store(OUT + n * son + y * soh + (xs[:, None] * sow + co[None, :] * soc), acc.to(OUT.dtype.element_ty), mask=om)
+
+
+@triton.jit
 def _conv3x3(X, Wt, B, OUT, H, W, sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, soc, soh, sow,
              CIN: tl.constexpr, COUT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
              HAS_B: tl.constexpr, F32: tl.constexpr, RNE: tl.constexpr):
@@ -49,16 +70,8 @@ def _conv3x3(X, Wt, B, OUT, H, W, sxn, sxc, sxh, sxw, swo, swi, swh, sww, son, s
         wm = (k < K)[:, None] & (co < COUT)[None, :]
         w = tl.load(Wt + co[None, :] * swo + ci[:, None] * swi + dy[:, None] * swh + dx[:, None] * sww, mask=wm,
                     other=0.0)
-        if F32:  # fp32 inputs (and bf16 under the interpreter, whose bf16 dot is wrong): exact fp32 products
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, w)
-    if HAS_B:
-        acc += tl.load(B + co, mask=co < COUT, other=0.0).to(tl.float32)[None, :]
-    if RNE:
-        acc = rne_bf16(acc)
-    om = (xs < W)[:, None] & (co < COUT)[None, :]
-    tl.store(OUT + n * son + co[None, :] * soc + y * soh + xs[:, None] * sow, acc.to(OUT.dtype.element_ty), mask=om)
+        acc = _mma(acc, a, w, F32)
+    _bias_store(acc, B, OUT, n, y, xs, co, W, son, soc, soh, sow, COUT, HAS_B, RNE)
 
 
 @triton.jit
@@ -85,16 +98,8 @@ def _conv3x3_taps(X, Wt, B, OUT, H, W, sxn, sxc, sxh, sxw, swo, swi, swh, sww, s
                 m = ((xx >= 0) & (xx < W))[:, None] & (ci < CIN)[None, :]
                 a = tl.load(row + (xx[:, None] * sxw + ci[None, :] * sxc), mask=m, other=0.0)
                 w = tl.load(Wt + co[None, :] * swo + ci[:, None] * swi + dy * swh + dx * sww, mask=wm, other=0.0)
-                if F32:
-                    acc += tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(a, w)
-    if HAS_B:
-        acc += tl.load(B + co, mask=co < COUT, other=0.0).to(tl.float32)[None, :]
-    if RNE:
-        acc = rne_bf16(acc)
-    om = (xs < W)[:, None] & (co < COUT)[None, :]
-    tl.store(OUT + n * son + y * soh + (xs[:, None] * sow + co[None, :] * soc), acc.to(OUT.dtype.element_ty), mask=om)
+                acc = _mma(acc, a, w, F32)
+    _bias_store(acc, B, OUT, n, y, xs, co, W, son, soc, soh, sow, COUT, HAS_B, RNE)
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
