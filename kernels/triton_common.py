@@ -3,11 +3,24 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
+from torch.library import triton_op
 
 # Under TRITON_INTERPRET=1 (CPU tests) a few numerics differ from the GPU; the kernels correct for them.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def register_op(name: str, impl, fake):
+    """`impl` as the torch op `bbf_rt::<name>`: a triton_op on the GPU (torch.compile, export and
+    AOTInductor see the kernels inside; fake tensors come from tracing impl); under TRITON_INTERPRET,
+    whose kernels wrap_triton cannot trace, an opaque custom_op with `fake` for its fake tensors."""
+    if INTERPRET:
+        op = torch.library.custom_op(f"bbf_rt::{name}", impl, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return triton_op(f"bbf_rt::{name}", impl, mutates_args=())
 
 
 @triton.jit

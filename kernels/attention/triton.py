@@ -23,9 +23,9 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -338,11 +338,7 @@ def _attention_fake(q, k, v, key_mask, scale):
     return q.new_empty(q.shape)
 
 
-if INTERPRET:
-    _op = torch.library.custom_op("bbf_rt::attention", _attention_op, mutates_args=())
-    _op.register_fake(_attention_fake)
-else:
-    _op = triton_op("bbf_rt::attention", _attention_op, mutates_args=())
+_op = register_op("attention", _attention_op, _attention_fake)
 
 
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:

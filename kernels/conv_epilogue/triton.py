@@ -1,5 +1,5 @@
-"""The epilogues cuDNN leaves to separate passes in the VAE, registered as `bbf_rt::conv_epilogue` and
-`bbf_rt::upsample_nearest2x`.
+"""The epilogues cuDNN leaves to separate passes in the VAE, registered as `bbf_rt::conv_epilogue`,
+`bbf_rt::upsample_nearest2x` and `bbf_rt::shuffle_epilogue`.
 
 torch adds a convolution's bias after cuDNN returns, as a broadcast add that on channels-last
 activations runs PyTorch's non-vectorised elementwise path, and the residual add of a ResBlock is one
@@ -8,15 +8,17 @@ more pass; nearest 2x upsampling in NHWC ran at ~0.4 TB/s (bench/profile_player.
   the element index), fp32 math, one rounding. Bytes: read y (and the residual), write once.
 - `_up2`: each program reads BX/2 pixels x all channels of one input row and writes them twice to each
   of the two output rows it feeds. NCHW is the C = 1 case of the same indexing (planes of N*C rows).
+- `_shuffle2`: pixel shuffle by 2 + bias into NHWC, the second half of `ops.upsample_conv2d`'s
+  sub-pixel form (`subpixel_weight`).
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16
 
 BLOCK = 4096
 
@@ -144,17 +146,9 @@ def _up2_fake(x):
     return x.new_empty((N, C, 2 * H, 2 * W)).contiguous(memory_format=fmt)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: opaque custom ops with fake impls
-    _epi_op = torch.library.custom_op("bbf_rt::conv_epilogue", _epilogue_impl, mutates_args=())
-    _epi_op.register_fake(_epilogue_fake)
-    _up_op = torch.library.custom_op("bbf_rt::upsample_nearest2x", _up2_impl, mutates_args=())
-    _up_op.register_fake(_up2_fake)
-    _sh_op = torch.library.custom_op("bbf_rt::shuffle_epilogue", _shuffle_impl, mutates_args=())
-    _sh_op.register_fake(_shuffle_fake)
-else:
-    _sh_op = triton_op("bbf_rt::shuffle_epilogue", _shuffle_impl, mutates_args=())
-    _epi_op = triton_op("bbf_rt::conv_epilogue", _epilogue_impl, mutates_args=())
-    _up_op = triton_op("bbf_rt::upsample_nearest2x", _up2_impl, mutates_args=())
+_epi_op = register_op("conv_epilogue", _epilogue_impl, _epilogue_fake)
+_up_op = register_op("upsample_nearest2x", _up2_impl, _up2_fake)
+_sh_op = register_op("shuffle_epilogue", _shuffle_impl, _shuffle_fake)
 
 
 def conv_epilogue(y: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:

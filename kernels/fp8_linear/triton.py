@@ -19,9 +19,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_e4m3
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_e4m3
 
 # kernels spell these values as literals: compiled Triton reads no non-constexpr globals, and the
 # interpreter cannot index expressions built from tl.constexpr globals
@@ -148,14 +148,8 @@ def _nm_fp8_fake(x, shift, scale, eps, rms):
     return x.new_empty((B * L, C), dtype=torch.float8_e4m3fn), x.new_empty((B * L,), dtype=torch.float32)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: opaque custom ops with fake impls
-    _quant_op = torch.library.custom_op("bbf_rt::quantize_rows_fp8", _quantize_rows_op, mutates_args=())
-    _quant_op.register_fake(_quantize_rows_fake)
-    _nm_op = torch.library.custom_op("bbf_rt::norm_modulate_fp8", _nm_fp8_op, mutates_args=())
-    _nm_op.register_fake(_nm_fp8_fake)
-else:
-    _quant_op = triton_op("bbf_rt::quantize_rows_fp8", _quantize_rows_op, mutates_args=())
-    _nm_op = triton_op("bbf_rt::norm_modulate_fp8", _nm_fp8_op, mutates_args=())
+_quant_op = register_op("quantize_rows_fp8", _quantize_rows_op, _quantize_rows_fake)
+_nm_op = register_op("norm_modulate_fp8", _nm_fp8_op, _nm_fp8_fake)
 
 
 def supported(device: torch.device) -> str | None:

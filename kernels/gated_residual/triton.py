@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16
 
 
 
@@ -71,11 +71,7 @@ def _op_impl(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tens
     return launch(x, y, gate)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: an opaque custom op with a fake impl
-    _op = torch.library.custom_op("bbf_rt::gated_residual", _op_impl, mutates_args=())
-    _op.register_fake(lambda x, y, gate: x.new_empty(x.shape))
-else:
-    _op = triton_op("bbf_rt::gated_residual", _op_impl, mutates_args=())
+_op = register_op("gated_residual", _op_impl, lambda x, y, gate: x.new_empty(x.shape))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16
 
 BLOCK = 4096
 
@@ -201,11 +201,7 @@ def _fake(x, weight, bias, groups, eps, silu):
     return torch.empty_like(x) if nhwc(x, groups) else torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: an opaque custom op with a fake impl
-    _op = torch.library.custom_op("bbf_rt::group_norm_silu", _op_impl, mutates_args=())
-    _op.register_fake(_fake)
-else:
-    _op = triton_op("bbf_rt::group_norm_silu", _op_impl, mutates_args=())
+_op = register_op("group_norm_silu", _op_impl, _fake)
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, groups: int,

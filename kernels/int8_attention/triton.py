@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16, rne_e4m3
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16, rne_e4m3
 
 # kernels spell these values as literals: compiled Triton reads no non-constexpr globals, and the
 # interpreter cannot index expressions built from tl.constexpr globals
@@ -314,11 +314,7 @@ def _int8_attention_fake(q, k, v, key_mask, scale, pv_fp8):
     return q.new_empty(q.shape)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: an opaque custom op with a fake impl
-    _op = torch.library.custom_op("bbf_rt::int8_attention", _int8_attention_op, mutates_args=())
-    _op.register_fake(_int8_attention_fake)
-else:
-    _op = triton_op("bbf_rt::int8_attention", _int8_attention_op, mutates_args=())
+_op = register_op("int8_attention", _int8_attention_op, _int8_attention_fake)
 
 
 def unsupported(q: torch.Tensor, pv: str) -> str | None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16
 
 
 
@@ -76,11 +76,7 @@ def _op_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: flo
     return launch(x, shift, scale, eps, rms)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: an opaque custom op with a fake impl
-    _op = torch.library.custom_op("bbf_rt::norm_modulate", _op_impl, mutates_args=())
-    _op.register_fake(lambda x, shift, scale, eps, rms: x.new_empty(x.shape))
-else:
-    _op = triton_op("bbf_rt::norm_modulate", _op_impl, mutates_args=())
+_op = register_op("norm_modulate", _op_impl, lambda x, shift, scale, eps, rms: x.new_empty(x.shape))
 
 
 def norm_modulate(

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET
+from bbf_rt.kernels.triton_common import register_op
 
 BX = 256
 
@@ -49,11 +49,7 @@ def _fake(x, height, width):
     return x.new_empty((x.shape[0], height, width, 3), dtype=torch.uint8)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: an opaque custom op with a fake impl
-    _op = torch.library.custom_op("bbf_rt::to_uint8_nhwc", _impl, mutates_args=())
-    _op.register_fake(_fake)
-else:
-    _op = triton_op("bbf_rt::to_uint8_nhwc", _impl, mutates_args=())
+_op = register_op("to_uint8_nhwc", _impl, _fake)
 
 
 def to_uint8_nhwc(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

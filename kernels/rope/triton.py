@@ -13,9 +13,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16
 
 
 
@@ -108,11 +108,7 @@ def _fake(x, weight, cos, sin, heads, eps):
     return x.new_empty((B, L, heads, C // heads))
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: an opaque custom op with a fake impl
-    _op = torch.library.custom_op("bbf_rt::rms_norm_rope", _op_impl, mutates_args=())
-    _op.register_fake(_fake)
-else:
-    _op = triton_op("bbf_rt::rms_norm_rope", _op_impl, mutates_args=())
+_op = register_op("rms_norm_rope", _op_impl, _fake)
 
 
 def rms_norm_rope(

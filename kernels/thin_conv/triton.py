@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, rne_bf16
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16
 
 MAX_K = 9 * 64  # the largest 9 * Cin taken (the whole K loop is unrolled)
 MAX_COUT = 64
@@ -102,6 +102,12 @@ def _conv3x3_taps(X, Wt, B, OUT, H, W, sxn, sxc, sxh, sxw, swo, swi, swh, sww, s
     _bias_store(acc, B, OUT, n, y, xs, co, W, son, soc, soh, sow, COUT, HAS_B, RNE)
 
 
+def _out_format(x: torch.Tensor) -> torch.memory_format:
+    """The output's layout: channels-last if x is (and not also NCHW-contiguous), else contiguous."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
+
+
 def applies(x: torch.Tensor, weight: torch.Tensor, stride, padding) -> bool:
     """True for the shapes this kernel is for: a 3x3, stride 1, padding 1 conv of a 4-D float16/bfloat16/
     float32 x with Cin <= 4 (9 * Cin fits one K tile) or Cout <= 4 and 9 * Cin <= MAX_K."""
@@ -120,8 +126,7 @@ def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, bp:
     gathered im2col one."""
     N, cin, H, W = x.shape
     cout = weight.shape[0]
-    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
-                                  and not x.is_contiguous()) else torch.contiguous_format
+    fmt = _out_format(x)
     out = torch.empty((N, cout, H, W), dtype=x.dtype, device=x.device, memory_format=fmt)
     if out.numel() == 0:
         return out
@@ -144,16 +149,11 @@ def _op_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
 
 def _fake(x, weight, bias):
     N, _, H, W = x.shape
-    fmt = torch.channels_last if (x.is_contiguous(memory_format=torch.channels_last)
-                                  and not x.is_contiguous()) else torch.contiguous_format
+    fmt = _out_format(x)
     return x.new_empty((N, weight.shape[0], H, W)).contiguous(memory_format=fmt)
 
 
-if INTERPRET:  # wrap_triton cannot trace interpreted kernels: an opaque custom op with a fake impl
-    _op = torch.library.custom_op("bbf_rt::thin_conv3x3", _op_impl, mutates_args=())
-    _op.register_fake(_fake)
-else:
-    _op = triton_op("bbf_rt::thin_conv3x3", _op_impl, mutates_args=())
+_op = register_op("thin_conv3x3", _op_impl, _fake)
 
 
 def thin_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
