@@ -334,6 +334,17 @@ def bench_rope_configs(rows: Rows, L: int = 32760) -> None:
                     rows.add("rms_norm_rope_config", "triton", (1, L, C), t, nbytes=2 * L * C * 2 + 2 * L * (C // H // 2) * 4,
                              preset=preset, config=dict(rows=r, num_warps=w, chunk_pairs=chunk if chunk is not None else block_p,
                                                         default=(r, w, chunk) == (r0, w0, None)))
+        hb0, _, hr0, hw0 = rope_tt.heads_params(C, H)
+        bj = triton.next_power_of_2(C // H // 2)
+        for hb in sorted({hb0, triton.next_power_of_2(H), max(1, 512 // (2 * bj)), max(1, 2048 // (2 * bj))}):
+            for r in (1, 2, 4, 8, 16):
+                for w in (4, 8):
+                    if not 512 <= r * hb * bj * 2 <= 16384:
+                        continue
+                    t = timed(lambda: rope_tt.launch_heads(nxt()[0], w16, cs, sn, H, 1e-6, rows=r, num_warps=w, hb=hb))
+                    rows.add("rms_norm_rope_config", "triton_heads", (1, L, C), t, nbytes=2 * L * C * 2 + 2 * L * (C // H // 2) * 4,
+                             preset=preset, config=dict(form="heads", rows=r, num_warps=w, heads_per_tile=hb,
+                                                        default=(r, w, hb) == (hr0, hw0, hb0)))
 
 
 # ------------------------------------------------------------------ one DiT block
