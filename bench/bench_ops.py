@@ -17,7 +17,7 @@ import json
 import math
 import platform
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +145,33 @@ def bench_attention(rows: Rows, lengths, quick: bool) -> None:
             del qkv, q, k, v, oracle
         if quick:
             break
+
+
+def bench_attention_lazy(rows: Rows, lengths=(8190, 32760)) -> None:
+    """Head dim 128 self-attention: the default kernel, with lazy rescaling (AttnConfig.lazy_rescale) and
+    with the software pipeline, against cuDNN SDPA in the same run."""
+    for preset in ("wan-1.3b", "wan-14b"):
+        cfg = get_preset(preset)
+        H, D = cfg.heads, cfg.head_dim
+        for L in lengths:
+            qkv = torch.randn(1, L, 3, H, D, device=DEV, dtype=BF16)
+            q, k, v = qkv.unbind(2)
+            idx = torch.randperm(L, device=DEV)[:256]
+            oracle = attn_ref.attention(q[:, idx].float(), k.float(), v.float())
+            flops = 4 * H * L * L * D
+            base = attn_tt.default_config(D, L, DEV)
+            cudnn = _sdpa(SDPBackend.CUDNN_ATTENTION)
+            ref_err = _err(cudnn(q, k, v)[:, idx], oracle)
+            rows.add("attention_lazy", "sdpa_cudnn", (1, L, H, D), timed(lambda: cudnn(q, k, v)), flops=flops, err=ref_err,
+                     err_ref=ref_err, preset=preset)
+            for c in (base, replace(base, lazy_rescale=True), replace(base, pipeline=True, lazy_rescale=True),
+                      replace(base, block_n=64, pipeline=True, lazy_rescale=True)):
+                if (got := _try_config(q, k, v, D, c, f"lazy {preset}")) is None:
+                    continue
+                out, t = got
+                rows.add("attention_lazy", "triton", (1, L, H, D), t, flops=flops, err=_err(out[:, idx], oracle),
+                         err_ref=ref_err, preset=preset, config=asdict(c))
+            del qkv, q, k, v, oracle
 
 
 def bench_cross_attention(rows: Rows) -> None:
@@ -522,6 +549,8 @@ def main(argv: list[str] | None = None) -> int:
     lengths = (1560, 8190) if a.quick else (1560, 8190, 32760, 75600)
     if "attention" in only:
         bench_attention(rows, lengths, a.quick)
+    if "attention_lazy" in only:
+        bench_attention_lazy(rows)
     if "cross" in only:
         bench_cross_attention(rows)
     if "memory" in only:

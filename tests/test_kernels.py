@@ -118,6 +118,17 @@ def test_attention_strided_views_and_every_loader(loader, pipeline):
     _attn_check(q, k, v, m, cfg)
 
 
+@pytest.mark.parametrize("loader,pipeline,masked", [("tma", False, False), ("tma", True, True), ("pointer", False, True)])
+def test_attention_lazy_rescale_matches_oracle(loader, pipeline, masked):
+    """lazy_rescale: keys whose scale grows along the sequence move the running max by more than 2^8
+    several times (and by less in between), so both the rescaling and the skipped-rescale paths run."""
+    q, k, v = _qkv(2, 70, 300, 2, 64, torch.bfloat16, seed=5)
+    k = (k.float() * torch.linspace(0.5, 6.0, 300, device=DEV)[None, :, None, None]).to(k.dtype)
+    cfg = attn_tt.AttnConfig(block_m=64, block_n=32, num_warps=4, num_stages=2, loader=loader, pipeline=pipeline,
+                             lazy_rescale=True)
+    _attn_check(q, k, v, _mask(2, 300) if masked else None, cfg)
+
+
 @pytest.mark.parametrize("loader", ["tma", "pointer"])
 def test_attention_padded_conditions_stop_at_last_valid_key(loader):
     """Prefix masks (a prompt padded to its slots): tiles past the last valid key are skipped."""

@@ -8,7 +8,6 @@ processed in chunks, two passes (the second pass re-reads from L1/L2, not DRAM).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
