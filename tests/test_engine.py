@@ -210,3 +210,22 @@ def test_embedded_default_model_interpolates_held_out_motion():
     m = {k: float(np.mean(v)) for k, v in got.items()}
     assert len(got["copy"]) >= 4
     assert m["bbf-s"] > m["copy"] + 2.0, m
+
+
+def test_vae_layout_is_never_switched_under_another_engine():
+    """The first engine sets the shared VAE's layout in place; one that wants the other layout gets a
+    copy, so the first engine's weights (and CUDA graphs captured on them) stay as they were."""
+    from bbf_rt.model.vae import CompactVAE
+    from bbf_rt.runtime.engine import vae_in_layout
+
+    torch.manual_seed(0)
+    vae = CompactVAE()
+    first = vae_in_layout(vae, True)
+    assert first is vae and vae.channels_last
+    w = vae.decoder.conv_out.weight
+    assert vae_in_layout(vae, True) is vae  # same layout: shared
+    other = vae_in_layout(vae, False)
+    assert other is not vae and not other.channels_last
+    assert vae.channels_last and vae.decoder.conv_out.weight is w  # the first engine's weights untouched
+    x = torch.rand(1, 3, 32, 48) * 2 - 1
+    torch.testing.assert_close(other.encode_frames(x), vae.encode_frames(x), atol=1e-5, rtol=0)

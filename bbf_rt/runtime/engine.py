@@ -6,6 +6,7 @@ all classifier-free-guidance passes in one batched denoiser call, decodes and cr
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -100,6 +101,20 @@ class _Staging:
         return buf.numpy().copy()
 
 
+def vae_in_layout(vae, channels_last: bool):
+    """The VAE in the requested memory layout (CompactVAE.use_channels_last). The first engine sets it in
+    place; an engine that wants the other layout of a VAE already in use gets a copy, so the engines
+    sharing a model (and CUDA graphs captured on its weights) keep the weights they were built on."""
+    if not hasattr(vae, "use_channels_last"):
+        return vae
+    if vae.channels_last != bool(channels_last):
+        if getattr(vae, "_layout_in_use", False):
+            vae = copy.deepcopy(vae)
+        vae.use_channels_last(channels_last)
+    vae._layout_in_use = True
+    return vae
+
+
 class Engine:
     """Holds a model on a device and turns IntervalJobs into frames."""
 
@@ -129,17 +144,17 @@ class Engine:
         self.cache_stats = {"steps": 0, "dit_calls": 0, "skipped": 0, "syncs": 0}
         self._probe = None
         self._staging = _Staging() if device.type == "cuda" and runtime.pinned_transfers else None
-        if device.type == "cuda" and hasattr(model.vae, "use_channels_last"):
-            # NHWC convs without transposes (CompactVAE.use_channels_last); sets the model's VAE in place
-            model.vae.use_channels_last(runtime.vae_channels_last)
-        self._vae_enc, self._vae_dec = model.vae.encode_frames, model.vae.decode_frames
+        # NHWC convs without transposes on the GPU (CompactVAE.use_channels_last)
+        self.vae = vae_in_layout(model.vae, runtime.vae_channels_last) if device.type == "cuda" else model.vae
+        vae = self.vae
+        self._vae_enc, self._vae_dec = vae.encode_frames, vae.decode_frames
         if device.type == "cuda" and runtime.cuda_graphs:
             # the VAE at 720p is ~60 launches per call, launch bound once its GroupNorms are fused:
             # replayed per input shape (4 kept), outputs cloned out (bench/profile_player.py measures it)
             from bbf_rt.runtime.graphs import CUDAGraphDenoiser
 
-            enc = CUDAGraphDenoiser(lambda x, s: model.vae.encode_frames(x), max_graphs=4)
-            dec = CUDAGraphDenoiser(lambda z, s: model.vae.decode_frames(z), max_graphs=4)
+            enc = CUDAGraphDenoiser(lambda x, s: vae.encode_frames(x), max_graphs=4)
+            dec = CUDAGraphDenoiser(lambda z, s: vae.decode_frames(z), max_graphs=4)
             unit = torch.zeros(1, device=device)
             self._vae_enc, self._vae_dec = (lambda x: enc(x, unit)), (lambda z: dec(z, unit))
 
