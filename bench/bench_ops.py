@@ -172,6 +172,20 @@ def bench_attention_lazy(rows: Rows, lengths=(8190, 32760)) -> None:
                 rows.add("attention_lazy", "triton", (1, L, H, D), t, flops=flops, err=_err(out[:, idx], oracle),
                          err_ref=ref_err, preset=preset, config=asdict(c))
             del qkv, q, k, v, oracle
+    H, D, L = get_preset("bbf-s").heads, get_preset("bbf-s").head_dim, 3600  # the player at 720p
+    for B in (1, 4):
+        q, k, v = torch.randn(B, L, 3, H, D, device=DEV, dtype=BF16).unbind(2)
+        oracle = attn_ref.attention(q[:, :256].float(), k.float(), v.float())
+        flops = 4 * B * H * L * L * D
+        cudnn = _sdpa(SDPBackend.CUDNN_ATTENTION)
+        ref_err = _err(cudnn(q, k, v)[:, :256], oracle)
+        rows.add("attention_lazy", "sdpa_cudnn", (B, L, H, D), timed(lambda: cudnn(q, k, v)), flops=flops, err=ref_err,
+                 err_ref=ref_err, preset="bbf-s")
+        base = attn_tt.default_config(D, L, DEV)
+        for c in (base, replace(base, lazy_rescale=True), replace(base, pipeline=True), replace(base, pipeline=True, lazy_rescale=True)):
+            if (got := _try_config(q, k, v, D, c, f"lazy bbf-s B={B}")) is not None:
+                rows.add("attention_lazy", "triton", (B, L, H, D), got[1], flops=flops, err=_err(got[0][:, :256], oracle),
+                         err_ref=ref_err, preset="bbf-s", config=asdict(c))
 
 
 def bench_cross_attention(rows: Rows) -> None:
