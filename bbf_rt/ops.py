@@ -216,6 +216,15 @@ def to_uint8_nhwc(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return _px_ref.to_uint8_nhwc(x, height, width)
 
 
+def boundary_similarity(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Mean per-pixel RGB cosine similarity of (B, 3, H, W) frame pairs -> (B,) fp32 (kernels/pixels);
+    on CUDA one Triton read of both frames plus a fixed-order sum of per-block partials."""
+    mod = _triton_module("pixels", a)
+    if mod is not None:
+        return mod.boundary_similarity(a, b, eps)
+    return _px_ref.boundary_similarity(a, b, eps)
+
+
 def int8_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None, pv: str = "bf16",
 ) -> torch.Tensor:

@@ -205,6 +205,30 @@ def test_to_uint8_is_the_engines_conversion_exactly(layout, dtype, crop):
     assert torch.equal(out, px_ref.to_uint8_nhwc(x, *crop))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("hw", [(16, 24), (37, 29)], ids=lambda c: "x".join(map(str, c)))  # 1073 px: a partial block
+def test_boundary_similarity_matches_oracle(layout, dtype, hw):
+    """The start-end difference the DiT embeds: pairs as the engine passes them (consecutive frames of one
+    batch, views), with black pixels (the eps clamp) and one identical pair (similarity exactly 1)."""
+    g = torch.Generator().manual_seed(3)
+    frames = torch.rand(4, 3, *hw, generator=g)
+    frames[1, :, :5] = 0.0  # black rows: |a| |b| = 0 -> eps
+    frames[3] = frames[2]
+    pix = frames.to(DEV, dtype)
+    pix = pix.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else pix
+    a, b = pix[:-1], pix[1:]
+    out = px_tt.boundary_similarity(a, b)
+    oracle = px_ref.boundary_similarity(a.double(), b.double()).float()
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    within_2x(out, px_ref.boundary_similarity(a, b), oracle, "boundary_similarity")
+    assert abs(out[2].item() - 1.0) < 1e-6 and torch.equal(out, px_tt.boundary_similarity(a, b))  # deterministic
+    with pytest.raises(ValueError, match="one shape"):
+        px_tt.boundary_similarity(a, b[:, :, 1:])
+    torch.library.opcheck(torch.ops.bbf_rt.boundary_similarity, (a, b, 1e-8),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
 def test_to_uint8_rejects_bad_input():
     x = _t((1, 3, 4, 4), "nchw", torch.float32, 0)
     with pytest.raises(ValueError, match="crop"):

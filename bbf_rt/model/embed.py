@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from bbf_rt import ops
+
 
 def sinusoidal(x: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal features of a float tensor: (...,) -> (..., dim) fp32 (cos half, then sin half)."""
@@ -19,14 +21,9 @@ def boundary_similarity(frame0: torch.Tensor, frame1: torch.Tensor, eps: float =
     """Mean per-pixel cosine similarity of two frames over RGB (EDEN's start-end difference).
 
     frame0, frame1: (B, 3, H, W) in [0, 1] (any float dtype). Returns (B,) fp32; 1 = identical
-    directions at every pixel, lower = larger change. Computed in fp32.
+    directions at every pixel, lower = larger change. Computed in fp32 (ops.boundary_similarity).
     """
-    a, b = frame0.float(), frame1.float()
-    dot = (a * b).sum(1)
-    na = a.pow(2).sum(1).sqrt()
-    nb = b.pow(2).sum(1).sqrt()
-    cos = dot / (na * nb).clamp_min(eps)
-    return cos.mean(dim=(-2, -1))
+    return ops.boundary_similarity(frame0, frame1, eps)
 
 
 def normalised_difference(similarity: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
