@@ -17,7 +17,7 @@ import json
 import math
 import platform
 import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -145,47 +145,6 @@ def bench_attention(rows: Rows, lengths, quick: bool) -> None:
             del qkv, q, k, v, oracle
         if quick:
             break
-
-
-def bench_attention_lazy(rows: Rows, lengths=(8190, 32760)) -> None:
-    """Head dim 128 self-attention: the default kernel, with lazy rescaling (AttnConfig.lazy_rescale) and
-    with the software pipeline, against cuDNN SDPA in the same run."""
-    for preset in ("wan-1.3b", "wan-14b"):
-        cfg = get_preset(preset)
-        H, D = cfg.heads, cfg.head_dim
-        for L in lengths:
-            qkv = torch.randn(1, L, 3, H, D, device=DEV, dtype=BF16)
-            q, k, v = qkv.unbind(2)
-            idx = torch.randperm(L, device=DEV)[:256]
-            oracle = attn_ref.attention(q[:, idx].float(), k.float(), v.float())
-            flops = 4 * H * L * L * D
-            base = attn_tt.default_config(D, L, DEV)
-            cudnn = _sdpa(SDPBackend.CUDNN_ATTENTION)
-            ref_err = _err(cudnn(q, k, v)[:, idx], oracle)
-            rows.add("attention_lazy", "sdpa_cudnn", (1, L, H, D), timed(lambda: cudnn(q, k, v)), flops=flops, err=ref_err,
-                     err_ref=ref_err, preset=preset)
-            for c in (base, replace(base, lazy_rescale=True), replace(base, pipeline=True, lazy_rescale=True),
-                      replace(base, block_n=64, pipeline=True, lazy_rescale=True)):
-                if (got := _try_config(q, k, v, D, c, f"lazy {preset}")) is None:
-                    continue
-                out, t = got
-                rows.add("attention_lazy", "triton", (1, L, H, D), t, flops=flops, err=_err(out[:, idx], oracle),
-                         err_ref=ref_err, preset=preset, config=asdict(c))
-            del qkv, q, k, v, oracle
-    H, D, L = get_preset("bbf-s").heads, get_preset("bbf-s").head_dim, 3600  # the player at 720p
-    for B in (1, 4):
-        q, k, v = torch.randn(B, L, 3, H, D, device=DEV, dtype=BF16).unbind(2)
-        oracle = attn_ref.attention(q[:, :256].float(), k.float(), v.float())
-        flops = 4 * B * H * L * L * D
-        cudnn = _sdpa(SDPBackend.CUDNN_ATTENTION)
-        ref_err = _err(cudnn(q, k, v)[:, :256], oracle)
-        rows.add("attention_lazy", "sdpa_cudnn", (B, L, H, D), timed(lambda: cudnn(q, k, v)), flops=flops, err=ref_err,
-                 err_ref=ref_err, preset="bbf-s")
-        base = attn_tt.default_config(D, L, DEV)
-        for c in (base, replace(base, lazy_rescale=True), replace(base, pipeline=True), replace(base, pipeline=True, lazy_rescale=True)):
-            if (got := _try_config(q, k, v, D, c, f"lazy bbf-s B={B}")) is not None:
-                rows.add("attention_lazy", "triton", (B, L, H, D), got[1], flops=flops, err=_err(got[0][:, :256], oracle),
-                         err_ref=ref_err, preset="bbf-s", config=asdict(c))
 
 
 def bench_cross_attention(rows: Rows) -> None:
@@ -375,17 +334,6 @@ def bench_rope_configs(rows: Rows, L: int = 32760) -> None:
                     rows.add("rms_norm_rope_config", "triton", (1, L, C), t, nbytes=2 * L * C * 2 + 2 * L * (C // H // 2) * 4,
                              preset=preset, config=dict(rows=r, num_warps=w, chunk_pairs=chunk if chunk is not None else block_p,
                                                         default=(r, w, chunk) == (r0, w0, None)))
-        hb0, _, hr0, hw0 = rope_tt.heads_params(C, H)
-        bj = triton.next_power_of_2(C // H // 2)
-        for hb in sorted({hb0, triton.next_power_of_2(H), max(1, 512 // (2 * bj)), max(1, 2048 // (2 * bj))}):
-            for r in (1, 2, 4, 8, 16):
-                for w in (4, 8):
-                    if not 512 <= r * hb * bj * 2 <= 16384:
-                        continue
-                    t = timed(lambda: rope_tt.launch_heads(nxt()[0], w16, cs, sn, H, 1e-6, rows=r, num_warps=w, hb=hb))
-                    rows.add("rms_norm_rope_config", "triton_heads", (1, L, C), t, nbytes=2 * L * C * 2 + 2 * L * (C // H // 2) * 4,
-                             preset=preset, config=dict(form="heads", rows=r, num_warps=w, heads_per_tile=hb,
-                                                        default=(r, w, hb) == (hr0, hw0, hb0)))
 
 
 # ------------------------------------------------------------------ one DiT block
@@ -563,8 +511,6 @@ def main(argv: list[str] | None = None) -> int:
     lengths = (1560, 8190) if a.quick else (1560, 8190, 32760, 75600)
     if "attention" in only:
         bench_attention(rows, lengths, a.quick)
-    if "attention_lazy" in only:
-        bench_attention_lazy(rows)
     if "cross" in only:
         bench_cross_attention(rows)
     if "memory" in only:

@@ -55,9 +55,6 @@ class AttnConfig:
     loader: str = "tma"
     warp_specialize: bool = False  # tl.range(warp_specialize=...) on the key loop
     pipeline: bool = False  # TMA loaders: issue the next tile's Q K^T before this tile's softmax
-    # move the running max (and rescale O and l) only when some row's max grows by more than 2^8, as
-    # FlashAttention-4 does; P stays <= 256 in between, exact in the end after O / l
-    lazy_rescale: bool = False
 
 
 @triton.jit
@@ -72,15 +69,14 @@ def _scores(q, k, DOT_F32: tl.constexpr):
 
 @triton.jit
 def _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, inb,
-          HAS_MASK: tl.constexpr, CHECK_N: tl.constexpr, DOT_F32: tl.constexpr, LAZY: tl.constexpr):
+          HAS_MASK: tl.constexpr, CHECK_N: tl.constexpr, DOT_F32: tl.constexpr):
     """One key tile: acc (BM, D) fp32, m_i/l_i (BM,) fp32 running max (log2 domain) and row sum."""
-    return _softmax_pv(acc, m_i, l_i, _scores(q, k, DOT_F32), v, qk_scale, keep, inb, HAS_MASK, CHECK_N, DOT_F32,
-                       LAZY)
+    return _softmax_pv(acc, m_i, l_i, _scores(q, k, DOT_F32), v, qk_scale, keep, inb, HAS_MASK, CHECK_N, DOT_F32)
 
 
 @triton.jit
 def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, inb,
-                HAS_MASK: tl.constexpr, CHECK_N: tl.constexpr, DOT_F32: tl.constexpr, LAZY: tl.constexpr):
+                HAS_MASK: tl.constexpr, CHECK_N: tl.constexpr, DOT_F32: tl.constexpr):
     """Online-softmax update with the scores qk of one key tile, then acc += P V."""
     if HAS_MASK:
         # masked keys score -1e6 (log2 units, after scaling): weight 2^-1e6 = 0 next to any real score, and
@@ -90,27 +86,16 @@ def _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, inb,
         if CHECK_N:
             s = tl.where(inb[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
     else:
         if CHECK_N:
             qk = tl.where(inb[None, :], qk, float("-inf"))
         # scale folded into one FMA per score (the max commutes with the positive scale)
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if LAZY:
-        if tl.max(m_new - m_i, 0) > 8.0:  # the first tile always (m_i = -inf)
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            l_i = l_i * alpha
-            m_i = m_new
-        m_new = m_i
-    else:
-        alpha = tl.math.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        l_i = l_i * alpha
-    if HAS_MASK:
-        p = tl.math.exp2(s - m_new[:, None])
-    else:
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-    l_i = l_i + tl.sum(p, 1)
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     if DOT_F32:
         acc = tl.dot(rne_bf16(p), v.to(tl.float32), acc)
     else:
@@ -136,7 +121,7 @@ def _key_end(KM, b, smb, sml, Lk, BLOCK_N: tl.constexpr):
 def _attn_fwd_ptr(Q, K, V, O, KM, qk_scale, Lq, Lk, H,
                   sqb, sql, sqh, sqd, skb, skl, skh, skd, svb, svl, svh, svd, sob, sol, soh, smb, sml,
                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, WS: tl.constexpr, LAZY: tl.constexpr):
+                  HAS_MASK: tl.constexpr, DOT_F32: tl.constexpr, WS: tl.constexpr):
     qk_scale = tl.cast(qk_scale, tl.float32)  # Inductor passes Python floats as fp64: keep the math in fp32
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -168,14 +153,14 @@ def _attn_fwd_ptr(Q, K, V, O, KM, qk_scale, Lq, Lk, H,
             v = tl.load(v_ptrs + start * svl, mask=dmask[None, :], other=0.0)
         if HAS_MASK:
             keep = tl.load(km_ptrs + start * sml) != 0
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32, LAZY)
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32)
     if n_full < n_end:  # the partial last tile (n_end = Lk here): bounds-checked, -inf scores past Lk
         inb = (n_full + offs_n) < Lk
         k = tl.load(k_ptrs + n_full * skl, mask=inb[:, None] & dmask[None, :], other=0.0)
         v = tl.load(v_ptrs + n_full * svl, mask=inb[:, None] & dmask[None, :], other=0.0)
         if HAS_MASK:
             keep = tl.load(km_ptrs + n_full * sml, mask=inb, other=0) != 0
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, inb, HAS_MASK, True, DOT_F32, LAZY)
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, inb, HAS_MASK, True, DOT_F32)
     out = acc / l_i[:, None]
     if DOT_F32:
         out = rne_bf16(out)
@@ -187,8 +172,7 @@ def _attn_fwd_ptr(Q, K, V, O, KM, qk_scale, Lq, Lk, H,
 def _attn_fwd_tma(Qd, Kd, Vd, Od, KM, qk_scale, B, Lq, Lk, H,
                   sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh, smb, sml,
                   D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr,
-                  DOT_F32: tl.constexpr, WS: tl.constexpr, DEVICE_DESC: tl.constexpr, PIPE: tl.constexpr,
-                  LAZY: tl.constexpr):
+                  DOT_F32: tl.constexpr, WS: tl.constexpr, DEVICE_DESC: tl.constexpr, PIPE: tl.constexpr):
     # descriptors view the (B, L, H, D) tensors with boxes [1, BLOCK, 1, D]; rows past L read as zeros and
     # are dropped on store, so only the scores of the last key tile need masking
     if DEVICE_DESC:  # Q, K, V, O are pointers: build the descriptors here (scratch from triton's allocator)
@@ -224,26 +208,26 @@ def _attn_fwd_tma(Qd, Kd, Vd, Od, KM, qk_scale, B, Lq, Lk, H,
             v = v_desc.load([b, start - BLOCK_N, h, 0]).reshape(BLOCK_N, D)
             if HAS_MASK:
                 keep = tl.load(km_ptrs + (start - BLOCK_N) * sml) != 0
-            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32, LAZY)
+            acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32)
             qk = qk_next
         v = v_desc.load([b, n_full - BLOCK_N, h, 0]).reshape(BLOCK_N, D)
         if HAS_MASK:
             keep = tl.load(km_ptrs + (n_full - BLOCK_N) * sml) != 0
-        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32, LAZY)
+        acc, m_i, l_i = _softmax_pv(acc, m_i, l_i, qk, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32)
     else:
         for start in tl.range(0, n_full, BLOCK_N, warp_specialize=WS):
             k = k_desc.load([b, start, h, 0]).reshape(BLOCK_N, D)
             v = v_desc.load([b, start, h, 0]).reshape(BLOCK_N, D)
             if HAS_MASK:
                 keep = tl.load(km_ptrs + start * sml) != 0
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32, LAZY)
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, keep, HAS_MASK, False, DOT_F32)
     if n_full < n_end:
         inb = (n_full + offs_n) < Lk
         k = k_desc.load([b, n_full, h, 0]).reshape(BLOCK_N, D)
         v = v_desc.load([b, n_full, h, 0]).reshape(BLOCK_N, D)
         if HAS_MASK:
             keep = tl.load(km_ptrs + n_full * sml, mask=inb, other=0) != 0
-        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, inb, HAS_MASK, True, DOT_F32, LAZY)
+        acc, m_i, l_i = _tile(acc, m_i, l_i, q, k, v, qk_scale, keep, inb, HAS_MASK, True, DOT_F32)
     out = acc / l_i[:, None]
     if DOT_F32:
         out = rne_bf16(out)
@@ -326,7 +310,6 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
     grid = (triton.cdiv(Lq, bm), B * H)
     qk_scale = scale * LOG2E
     common = dict(BLOCK_M=bm, BLOCK_N=bn, HAS_MASK=has_mask, DOT_F32=dot_f32, WS=cfg.warp_specialize,
-                  LAZY=cfg.lazy_rescale,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.loader != "pointer" and block_d == D and _tma_ok(q, k, v):
         strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], smb, sml)

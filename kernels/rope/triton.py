@@ -60,63 +60,18 @@ def _rms_norm_rope_kernel(X, W, COS, SIN, OUT, L, C, eps,
         tl.store(OUT + b * sob + rows[:, None, None] * sol + col[None, :, :], out.to(OUT.dtype.element_ty), mask=m3)
 
 
-@triton.jit
-def _rms_norm_rope_heads_kernel(X, W, COS, SIN, OUT, L, H, eps,
-                                sxb, sxl, sxc, sw, scb, scl, scd, ssb, ssl, ssd, sob, sol,
-                                HALF: tl.constexpr, BJ: tl.constexpr, HB: tl.constexpr, ROWS: tl.constexpr,
-                                NCHUNK: tl.constexpr, RNE: tl.constexpr):
-    """The same maths on (ROWS, HB heads, BJ frequencies, 2) tiles: each row's cos/sin are loaded once per
-    program as (ROWS, BJ) and broadcast over the heads, instead of once per channel pair."""
-    eps = tl.cast(eps, tl.float32)
-    pid_l = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rows = pid_l * ROWS + tl.arange(0, ROWS)
-    hh = tl.arange(0, HB)
-    jj = tl.arange(0, BJ)
-    two = tl.arange(0, 2)
-    rmask = rows < L
-    C = H * 2 * HALF
-    jmask = jj < HALF
-    m_rj = rmask[:, None] & jmask[None, :]
-    cs = tl.load(COS + b * scb + rows[:, None] * scl + jj[None, :] * scd, mask=m_rj, other=0.0)[:, None, :]
-    sn = tl.load(SIN + b * ssb + rows[:, None] * ssl + jj[None, :] * ssd, mask=m_rj, other=0.0)[:, None, :]
-    x_row = X + b * sxb + rows[:, None, None, None] * sxl
-    pair = 2 * jj[None, :, None] + two[None, None, :]  # (1, BJ, 2) channel offset inside a head
-    if NCHUNK > 1:  # wide rows: a first pass for the sum of squares; the second re-reads from L1/L2
-        ss = tl.zeros([ROWS], tl.float32)
-        for c in tl.range(0, NCHUNK):
-            h = c * HB + hh
-            col = h[:, None, None] * (2 * HALF) + pair
-            m3 = ((h < H)[:, None, None] & jmask[None, :, None]) & (two < 2)[None, None, :]
-            x = tl.load(x_row + col[None] * sxc, mask=rmask[:, None, None, None] & m3[None], other=0.0).to(tl.float32)
-            ss += tl.sum(tl.sum(tl.sum(x * x, 3), 2), 1)
-        rstd = tl.rsqrt(ss / C + eps)
-    for c in tl.range(0, NCHUNK):
-        h = c * HB + hh
-        col = h[:, None, None] * (2 * HALF) + pair  # (HB, BJ, 2)
-        m3 = ((h < H)[:, None, None] & jmask[None, :, None]) & (two < 2)[None, None, :]
-        m4 = rmask[:, None, None, None] & m3[None]
-        x = tl.load(x_row + col[None] * sxc, mask=m4, other=0.0).to(tl.float32)
-        if NCHUNK == 1:
-            rstd = tl.rsqrt(tl.sum(tl.sum(tl.sum(x * x, 3), 2), 1) / C + eps)
-        w = tl.load(W + col * sw, mask=m3, other=0.0).to(tl.float32)
-        x = x * rstd[:, None, None, None] * w[None]
-        x0, x1 = tl.split(x)  # (ROWS, HB, BJ) even / odd channels
-        out = tl.join(x0 * cs - x1 * sn, x0 * sn + x1 * cs)
-        if RNE:
-            out = rne_bf16(out)
-        tl.store(OUT + b * sob + rows[:, None, None, None] * sol + col[None], out.to(OUT.dtype.element_ty), mask=m4)
-
-
 def launch_params(C: int) -> tuple[int, int, int, int]:
     """(BLOCK_P, NCHUNK, ROWS, num_warps). Rows of up to 1024 channel pairs stay in registers (one pass;
     measured best on the H100 with ~1k pairs per program and 4 warps: 4 rows at C=384, 1 at C=1536);
-    wider rows (C=5120: 56% of the copy rate in one pass) go in chunks of 512 pairs, two passes."""
+    wider rows (C=5120: 56% of the copy rate in one pass) go in chunks of 512 pairs, two passes, one row
+    per program with 8 warps (74.5-74.6% of copy in two sessions' sweeps, against 71.3% for 2 rows and 4).
+    A heads-tiled variant (cos/sin loaded once per row, broadcast over the heads) was slower at its best,
+    54% vs 67% of copy at C=320 and 71% vs 83% at C=1536, and was dropped (ops-h100.jsonl, triton_heads)."""
     pairs = C // 2
     if pairs <= 1024:
         block_p = triton.next_power_of_2(pairs)
         return block_p, 1, max(1, min(16, 1024 // block_p)), 4
-    return 512, triton.cdiv(pairs, 512), 2, 4
+    return 512, triton.cdiv(pairs, 512), 1, 8
 
 
 def launch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
@@ -142,38 +97,6 @@ def launch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.
         scb, cos.stride(1), cos.stride(2), ssb, sin.stride(1), sin.stride(2), out.stride(0), out.stride(1),
         HALF=D // 2, ROWS=r, BLOCK_P=block_p, NCHUNK=nchunk, RNE=INTERPRET and x.dtype == torch.bfloat16,
         num_warps=w)
-    return out
-
-
-def heads_params(C: int, heads: int) -> tuple[int, int, int, int]:
-    """(HB, NCHUNK, ROWS, num_warps) of the heads-tiled kernel: all heads in one tile while it holds at
-    most 4096 channels (one pass), else chunks of ~1024 channels (two passes)."""
-    bj = triton.next_power_of_2(C // heads // 2)
-    hb = triton.next_power_of_2(heads)
-    if hb * bj * 2 > 4096:
-        hb = max(1, 1024 // (2 * bj))
-    per_row = hb * bj * 2
-    return hb, triton.cdiv(heads, hb), max(1, min(16, 2048 // per_row)), 4
-
-
-def launch_heads(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, eps: float,
-                 rows: int | None = None, num_warps: int | None = None, hb: int | None = None) -> torch.Tensor:
-    """`rms_norm_rope` through the heads-tiled kernel with explicit launch parameters (None: heads_params)."""
-    B, L, C = x.shape
-    D = C // heads
-    out = torch.empty((B, L, heads, D), dtype=x.dtype, device=x.device)
-    if out.numel() == 0:
-        return out
-    hb0, _, r, w = heads_params(C, heads)
-    hb = hb or hb0
-    r, w = rows or r, num_warps or w
-    scb = cos.stride(0) if cos.shape[0] > 1 else 0
-    ssb = sin.stride(0) if sin.shape[0] > 1 else 0
-    wrap_triton(_rms_norm_rope_heads_kernel)[(triton.cdiv(L, r), B)](
-        x, weight, cos, sin, out, L, heads, eps, *x.stride(), weight.stride(0),
-        scb, cos.stride(1), cos.stride(2), ssb, sin.stride(1), sin.stride(2), out.stride(0), out.stride(1),
-        HALF=D // 2, BJ=triton.next_power_of_2(D // 2), HB=hb, ROWS=r, NCHUNK=triton.cdiv(heads, hb),
-        RNE=INTERPRET and x.dtype == torch.bfloat16, num_warps=w)
     return out
 
 
