@@ -12,7 +12,7 @@ import pytest
 from media import make_clip
 
 from bbf_rt.errors import BBFInputError
-from bbf_rt.io import (VideoWriter, check_frame_size, is_scene_cut, iter_frames, probe, read_audio,
+from bbf_rt.io import (SceneCuts, VideoWriter, check_frame_size, is_scene_cut, iter_frames, probe, read_audio,
                        scene_cut_score)
 
 
@@ -362,11 +362,33 @@ def test_cut_in_a_clip_is_found_exactly(tmp_path):
     assert cuts == [5]
 
 
+def test_streamed_scene_cuts_equal_the_pairwise_test():
+    """SceneCuts (each frame downsampled once, as the player and the video scan use it) flags exactly the
+    pairs that is_scene_cut flags, at 720p; threshold 1 never cuts; a frame of another size is refused."""
+    def coarse(seed, h, w):  # the texture's detail at 40-320 px, so it survives the detector's 20x downsampling
+        return np.kron(_texture(seed, h // 20, w // 20), np.ones((20, 20, 1), np.uint8))
+
+    big = coarse(4, 760, 1340)
+    frames = [big[i * 4:i * 4 + 720, i * 6:i * 6 + 1280] for i in range(4)] + [coarse(5, 720, 1280)] * 2
+    for thr, expect in ((0.05, None), (0.4, [3]), (1.0, [])):
+        scene = SceneCuts(thr)
+        got = [i - 1 for i, f in enumerate(frames) if scene.push(f)]
+        assert got == [i for i in range(len(frames) - 1) if is_scene_cut(frames[i], frames[i + 1], thr)]
+        assert expect is None or got == expect
+    with pytest.raises(BBFInputError, match="shapes differ"):
+        scene.push(frames[0][:, :640])
+    scene.reset()
+    assert not scene.push(frames[0][:, :640])
+
+
 def test_scene_cut_bad_inputs():
     a = np.zeros((48, 64, 3), np.uint8)
     with pytest.raises(BBFInputError, match="shapes differ"):
         scene_cut_score(a, np.zeros((48, 66, 3), np.uint8))
     with pytest.raises(BBFInputError, match="uint8"):
         scene_cut_score(a, a.astype(np.float32))
-    with pytest.raises(BBFInputError, match="threshold"):
-        is_scene_cut(a, a, threshold=1.5)
+    for bad in (1.5, 0.0, True, "0.4"):
+        with pytest.raises(BBFInputError, match="threshold"):
+            is_scene_cut(a, a, threshold=bad)
+        with pytest.raises(BBFInputError, match="threshold"):
+            SceneCuts(bad)

@@ -1,5 +1,5 @@
 """Video/audio I/O (PyAV) and scene-cut detection."""
-from bbf_rt.io.scenecut import is_scene_cut, scene_cut_score
+from bbf_rt.io.scenecut import SceneCuts, is_scene_cut, scene_cut_score
 
 # the PyAV-backed names load on first use, so frame-only users (the player, scene cuts) run without PyAV
 _VIDEO_NAMES = ("VideoInfo", "VideoWriter", "check_frame_size", "iter_frames", "probe", "read_audio")
@@ -14,6 +14,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "VideoInfo", "VideoWriter", "check_frame_size", "is_scene_cut", "iter_frames", "probe", "read_audio",
+    "SceneCuts", "VideoInfo", "VideoWriter", "check_frame_size", "is_scene_cut", "iter_frames", "probe", "read_audio",
     "scene_cut_score",
 ]

@@ -28,7 +28,7 @@ import numpy as np
 
 from bbf_rt.config import RuntimeConfig
 from bbf_rt.errors import BBFInputError
-from bbf_rt.io.scenecut import is_scene_cut
+from bbf_rt.io.scenecut import SceneCuts
 from bbf_rt.runtime.api import check_frame, encode_text, get_trained_model
 from bbf_rt.runtime.backends import make_backend
 from bbf_rt.runtime.engine import (
@@ -96,6 +96,7 @@ class Player:
         self.pix: dict = {}
         self.lat: dict = {}
         self.cuts: set[int] = set()
+        self._scene = SceneCuts(self.rt.scene_cut_threshold)
 
     def push(self, frame: np.ndarray) -> list[np.ndarray]:
         """Add the next frame, (H, W, 3) uint8 RGB; returns the frames now ready, in display order."""
@@ -107,7 +108,7 @@ class Player:
             raise BBFInputError(f"frame {self.n} is {a.shape[1]}x{a.shape[0]}; this stream is {self.size[1]}x{self.size[0]}")
         t = self.n
         self.n += 1
-        if t > 0 and is_scene_cut(self.frames[t - 1], a, self.rt.scene_cut_threshold):
+        if self._scene.push(a):  # each frame downsampled once (~1 ms at 720p, on the host)
             self.cuts.add(t - 1)
         p = self.eng.to_pixels(a[None])
         self.frames[t], self.pix[t], self.lat[t] = a, p[0], self.eng.encode(p)[0]  # encoded once, used up to 2k+2 times

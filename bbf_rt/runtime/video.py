@@ -19,7 +19,7 @@ import torch
 
 from bbf_rt.config import RuntimeConfig
 from bbf_rt.errors import BBFInputError
-from bbf_rt.io.scenecut import is_scene_cut
+from bbf_rt.io.scenecut import SceneCuts
 from bbf_rt.io.image import read_image
 from bbf_rt.io.video import VideoWriter, iter_frames, probe, read_audio
 from bbf_rt.runtime.api import encode_text, get_trained_model, make_audio_encoder
@@ -77,12 +77,11 @@ def _scan(in_path: str, threshold: float) -> tuple[list[Fraction], set[int]]:
     """Pass 1: every frame's timestamp and the intervals that are scene cuts."""
     pts: list[Fraction] = []
     cuts: set[int] = set()
-    prev = None
+    scene = SceneCuts(threshold)
     for i, (t, frame) in enumerate(prefetch(iter_frames(in_path))):
         pts.append(t)
-        if prev is not None and is_scene_cut(prev, frame, threshold):
+        if scene.push(frame):
             cuts.add(i - 1)
-        prev = frame
     if len(pts) < 2:
         raise BBFInputError(f"{in_path!r} has {len(pts)} decodable frame(s); interpolation needs at least 2")
     return pts, cuts
