@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--backend", default="eager", choices=BACKENDS,
                     help="denoiser implementation; aoti/onnx/tensorrt build or reuse cached artifacts (default eager)")
     ip.add_argument("--scene-threshold", type=_float_arg, default=0.4, help="scene-cut score above which an interval is not interpolated")
+    ip.add_argument("--crf", type=int, default=16, help="H.264 quality of the output: 0 lossless, 16 default, higher = smaller")
     ip.add_argument("--allow-untrained", action="store_true", help="accept a model with random weights (plumbing tests only)")
     ip.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ip.add_argument("--json", action="store_true", help="print a JSON report on stdout")
@@ -113,7 +114,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     job = dict(
         factor=a.factor, fps=a.fps, prompt=a.prompt, audio=a.audio, reference=a.reference,
         model=a.model, runtime=rt, device=a.device, allow_untrained=a.allow_untrained, progress=not a.no_progress,
-        backend=a.backend,
+        backend=a.backend, crf=a.crf,
     )
     if a.sp != 1 or a.cfg_parallel or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from bbf_rt.runtime.distributed import interpolate_video_parallel

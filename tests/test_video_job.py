@@ -58,6 +58,21 @@ def test_factor_2_frames_timestamps_and_audio(tmp_path, ckpt):
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
 
 
+def test_crf_trades_size_for_fidelity(tmp_path, ckpt):
+    """--crf 0 (lossless H.264) keeps the input frames closer and writes a larger file than --crf 40."""
+    src = tmp_path / "clip.mp4"
+    make_clip(src, n_frames=4, size=(64, 48), fps=Fraction(24), audio=False)
+    src_frames = [f for _, f in iter_frames(src)]
+    psnr, size = {}, {}
+    for crf in (0, 40):
+        out = tmp_path / f"crf{crf}.mp4"
+        assert _run(src, "-o", out, "--factor", 2, "--model", ckpt, "--crf", crf) == 0
+        got = [f for _, f in iter_frames(out)]
+        psnr[crf] = min(_psnr(got[2 * i], f) for i, f in enumerate(src_frames))
+        size[crf] = out.stat().st_size
+    assert psnr[0] > psnr[40] + 5 and size[0] > size[40], (psnr, size)
+
+
 def test_rational_factor_and_target_fps(tmp_path, ckpt):
     src = tmp_path / "clip.mp4"
     make_clip(src, n_frames=8, size=(48, 32), fps=Fraction(24), audio=False)
@@ -126,6 +141,7 @@ def clips(tmp_path_factory):
         ("ok.mp4", ["--factor", "2", "--audio", "nofile.wav"], "nofile.wav"),
         ("ok.mp4", ["--factor", "2", "--model", "nope"], "unknown model preset"),
         ("ok.mp4", ["--factor", "2", "--reference", "nothere.png"], "nothere.png"),
+        ("ok.mp4", ["--factor", "2", "--crf", "52"], "--crf"),
     ],
 )
 def test_bad_input_clear_error_and_nothing_written(clips, ckpt, tmp_path, capsys, src, extra, message):

@@ -102,17 +102,21 @@ def interpolate_video(
     allow_untrained: bool = False,
     progress: bool = True,
     backend: str = "eager",
+    crf: int = 16,
 ) -> dict:
     """Interpolate a video file to `factor` x its rate or to `fps`; returns a report dict.
 
     The output is written to a temporary file next to `out_path` and renamed only when complete; the
     input's audio streams are copied back unchanged. `backend` picks the denoiser implementation
-    (`bbf_rt.runtime.backends.BACKENDS`). Raises BBFInputError on unusable input.
+    (`bbf_rt.runtime.backends.BACKENDS`); `crf` is the H.264 quality (0 = lossless, 16 default, higher =
+    smaller files). Raises BBFInputError on unusable input.
     """
     t_start = time.perf_counter()
     in_path, out_path = os.fspath(in_path), os.fspath(out_path)
     rt = runtime or RuntimeConfig()
     _check_runtime(rt)
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise BBFInputError(f"--crf={crf!r}: expected an int in [0, 51] (H.264; 0 = lossless)")
     _check_paths(in_path, out_path)
     info = probe(in_path)
     output_fps(info.fps, factor=factor, fps=fps)  # validates --factor/--fps before any work
@@ -153,7 +157,7 @@ def interpolate_video(
     from tqdm import tqdm
 
     bar = tqdm(total=len(plan), unit="frame", disable=not progress, desc="bbf-rt")
-    with VideoWriter(out_path, W, H, plan.out_fps, audio_from=in_path if info.has_audio else None) as writer:
+    with VideoWriter(out_path, W, H, plan.out_fps, audio_from=in_path if info.has_audio else None, crf=crf) as writer:
         encoder = BackgroundWriter(writer.write)  # libx264 runs beside the denoising loop
 
         def emit() -> None:
