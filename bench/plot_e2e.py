@@ -4,7 +4,8 @@
 
 Bars: player panels show generated frames/s (higher is better), wan panels the 50-step clip in seconds
 (lower is better, extrapolated as its rows say). The last measurement of each (scenario, batch, rung,
-steps) wins. Uses matplotlib when importable, else Pillow; with neither it says so and draws nothing.
+steps) wins; rows of A/B variants that did not ship (`"adopted": false`) are left out. Uses matplotlib
+when importable, else Pillow; with neither it says so and draws nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ def panels(rows: list[dict]) -> dict[str, list[tuple[str, float, float | None]]]
     last: dict[tuple, dict] = {}
     for r in rows:
         if r.get("name") != "e2e" or r.get("error") or r.get("skipped") or r.get("rung") in (None, "setup"):
+            continue
+        if r.get("adopted") is False:  # the variant of an A/B that did not ship
             continue
         shape = r.get("shape") or {}
         last[(r["scenario"], shape.get("batch"), r["rung"], shape.get("steps"), r.get("role"))] = r

@@ -115,8 +115,12 @@ def test_plot_script_writes_a_png_or_says_why(bench, tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("plot_e2e_under_test", ROOT / "bench" / "plot_e2e.py")
     plot = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot)
-    data = plot.panels(_rows(out))
+    rows = _rows(out)
+    data = plot.panels(rows)
     assert len(data) == 1 and {label for label, _, _ in next(iter(data.values()))} >= {"fp32 @2 steps", "bf16 @2 steps"}
+    measured = next(r for r in reversed(rows) if r.get("frames_per_s") is not None and r.get("rung") not in (None, "setup"))
+    dropped = {**measured, "frames_per_s": 1e9, "adopted": False}  # a later row of an A/B variant that did not ship
+    assert all(v < 1e9 for bars in plot.panels(rows + [dropped]).values() for _, v, _ in bars)
     png = tmp_path / "ladder.png"
     assert plot.main([str(out), "-o", str(png)]) == 0
     err = capsys.readouterr().err
