@@ -21,7 +21,7 @@ _SEARCH = 0.08  # shift search range, fraction of each side
 _DIFF_SCALE = 16.0  # grey levels of mean absolute difference that count as "completely different"
 
 
-def luma_small(frame: np.ndarray, name: str = "frame") -> np.ndarray:
+def _luma_small(frame: np.ndarray, name: str) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (h, w) float32 luma in [0, 255], box-downsampled to about 64 px wide."""
     if not isinstance(frame, np.ndarray) or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
         got = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
@@ -60,10 +60,8 @@ def _shifted_mad(la: np.ndarray, lb: np.ndarray) -> float:
     return best
 
 
-def luma_cut_score(la: np.ndarray, lb: np.ndarray) -> float:
-    """`scene_cut_score` of two frames from their `luma_small` images (the same shape)."""
-    if la.shape != lb.shape:
-        raise BBFInputError(f"scene_cut_score: frame shapes differ ({la.shape} vs {lb.shape} after downsampling)")
+def _luma_score(la: np.ndarray, lb: np.ndarray) -> float:
+    """`scene_cut_score` of two same-sized frames from their `_luma_small` images."""
     ha, _ = np.histogram(la, bins=_BINS, range=(0.0, 256.0))
     hb, _ = np.histogram(lb, bins=_BINS, range=(0.0, 256.0))
     hist = 0.5 * np.abs(ha / ha.sum() - hb / hb.sum()).sum()
@@ -79,10 +77,10 @@ def scene_cut_score(a: np.ndarray, b: np.ndarray) -> float:
     of a 2-core VM: ~1.7 ms, or ~1.4 ms per frame in a stream (`SceneCuts` downsamples each frame once;
     the earlier form took ~4 ms per pair).
     """
-    la, lb = luma_small(a, "a"), luma_small(b, "b")
+    la, lb = _luma_small(a, "a"), _luma_small(b, "b")
     if a.shape != b.shape:
         raise BBFInputError(f"scene_cut_score: frame shapes differ, {a.shape} vs {b.shape}; expected equal")
-    return luma_cut_score(la, lb)
+    return _luma_score(la, lb)
 
 
 def _check_threshold(threshold) -> float:
@@ -115,10 +113,10 @@ class SceneCuts:
         self._prev = None
 
     def push(self, frame: np.ndarray) -> bool:
-        luma = luma_small(frame, "frame")
+        luma = _luma_small(frame, "frame")
         prev, self._prev = self._prev, (frame.shape, luma)
         if prev is None:
             return False
         if prev[0] != frame.shape:
             raise BBFInputError(f"scene_cut_score: frame shapes differ, {prev[0]} vs {frame.shape}; expected equal")
-        return luma_cut_score(prev[1], luma) > self.threshold
+        return _luma_score(prev[1], luma) > self.threshold
