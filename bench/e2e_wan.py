@@ -31,7 +31,7 @@ class WanCase:
         self.ref: torch.Tensor | None = None
         self.ref_name = None
         self.step_ms: dict[tuple, float] = {}  # (dtype, ops, graphs, fp8) -> p50 ms of one guided step
-        self.cache_calls: int | None = None
+        self.small: tuple | None = None  # the step-cache rung's reduced-shape run: (x, kw, w, sigmas)
         self.dit = None
 
     def base(self) -> dict:
@@ -98,9 +98,8 @@ class WanCase:
         flops = 3 * dit_flops(self.cfg, a.wan_latent[0], a.wan_latent[1] * a.wan_latent[2] // 4,
                               {"text": a.wan_text, "audio": self.cfg.audio_tokens})
         extra = {}
-        if r.fp8 and self.cache_calls is not None:  # the ladder is cumulative: fp8 on top of the step cache
-            extra = {"clip_ms_with_step_cache": self.cache_calls * step_ms + (a.wan_steps - 1) * self.probe_ms,
-                     "dit_calls": self.cache_calls}
+        if r.fp8 and self.small is not None:  # the ladder is cumulative: fp8 on top of the step cache
+            extra = self._fp8_cached_clip(dit, den, step_ms)
         if r.fp8:
             extra["attention"] = a.fp8_attention
         return {**stats(ts), "timed": "guided step", "per_step_ms": step_ms, **self._clip(a.wan_steps * step_ms), **extra,
@@ -108,6 +107,26 @@ class WanCase:
                 "peak_mem_gib": peak_gib(dev), **flops_fields(flops, step_ms, self.ceiling),
                 "psnr_db": psnr(v, self.ref), "quality_ref": self.ref_name,
                 "quality_metric": "PSNR of one guided step's velocity, peak = reference range"}
+
+    def _fp8_cached_clip(self, qdit: torch.nn.Module, den, step_ms: float) -> dict:
+        """FP8 + step cache as one clip: its DiT calls and final latents from a full run at the reduced shape
+        (the FP8 model's own probe decides the skips) against the eager bf16 reference loop (reference ops,
+        no cache) on the same inputs; the clip time extrapolated as in step_cache."""
+        a = self.a
+        x, kw, w, sig = self.small
+        with torch.no_grad():
+            with ops.implementation("reference"):
+                ref = sampler.sample(lambda xb, s: self.dit(xb, s, **kw), x, sig, solver=a.wan_solver, cfg_weights=w)
+            probe, pass0 = FirstBlockProbe(qdit), {k: kw[k][:1] for k in ("tau", "z0", "z1", "valid", "diff")}
+            cache = StepCache(lambda xb, s: den(xb, s, **kw), lambda xb, s: probe(xb, s, **pass0), a.step_cache, a.wan_steps, 1)
+            out = sampler.sample(cache, x, sig, solver=a.wan_solver, cfg_weights=w)
+        clip_ms = cache.dit_calls * step_ms + (a.wan_steps - 1) * self.probe_ms
+        eager = self.step_ms.get((torch.bfloat16, "reference", False, False))
+        return {"clip_ms_with_step_cache": clip_ms, "dit_calls": cache.dit_calls,
+                "clip_psnr_db": psnr(out, ref),
+                "clip_quality_ref": (f"the eager bf16 reference loop (reference ops, uncached, {a.wan_steps} steps) at "
+                                     f"{a.wan_cache_frames} latent frames, final latents"),
+                "clip_speedup_vs_eager_bf16": a.wan_steps * eager / clip_ms if eager else None}
 
     def step_cache(self, r: Rung) -> dict:
         """Calls and quality from a full run at fewer latent frames; per-step times at the full shape."""
@@ -119,6 +138,7 @@ class WanCase:
         sig = sampler.make_sigmas(a.wan_steps, shift=a.wan_shift)
         with torch.no_grad(), ops.implementation(r.ops):
             x, kw, w = self.inputs(a.wan_cache_frames, r.dtype)
+            self.small = (x, kw, w, sig)
             pass0 = {k: kw[k][:1] for k in ("tau", "z0", "z1", "valid", "diff")}
             denoise = lambda xb, s: den(xb, s, **kw)  # noqa: E731
             full = sampler.sample(denoise, x, sig, solver=a.wan_solver, cfg_weights=w)
@@ -135,7 +155,7 @@ class WanCase:
                 self.step(dataclasses.replace(r, cache=False))
         probe_ms, step_ms = pct(probe_ts, 0.5), self.step_ms[key]
         clip_ms = cache.dit_calls * step_ms + (a.wan_steps - 1) * probe_ms
-        self.cache_calls, self.probe_ms = cache.dit_calls, probe_ms
+        self.probe_ms = probe_ms
         return {**{f"probe_{k}": v for k, v in stats(probe_ts).items()}, "timed": "probe + host read, per step",
                 "per_step_ms": clip_ms / a.wan_steps, **self._clip(clip_ms), "dit_calls": cache.dit_calls, "skipped_steps": cache.skipped, "host_syncs": cache.syncs,
                 "speedup_vs_uncached": a.wan_steps * step_ms / clip_ms,

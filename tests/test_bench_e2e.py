@@ -83,7 +83,11 @@ def test_wan_rows_through_the_cli(tmp_path, capsys):
     assert sc["dit_calls"] + sc["skipped_steps"] == 6 and 2 <= sc["dit_calls"] <= 6
     assert sc["probe_p50_ms"] > 0 and sc["psnr_db"] > 0
     fp8 = _one(rows, rung="fp8")
-    assert ("skipped" in fp8) or ("error" in fp8) or fp8["psnr_db"] > 10  # measured when bbf_rt.runtime.quant exists
+    assert "skipped" not in fp8 and "error" not in fp8 and fp8["psnr_db"] > 10
+    # fp8 on top of the cache as one clip: its own skips, its final latents against the eager bf16 loop
+    assert 2 <= fp8["dit_calls"] <= 6 and 10 < fp8["clip_psnr_db"] < 99 and "eager bf16" in fp8["clip_quality_ref"]
+    assert fp8["clip_ms_with_step_cache"] < 6 * fp8["per_step_ms"] + 5 * sc["probe_p50_ms"] + 1e-6
+    assert fp8["clip_speedup_vs_eager_bf16"] == pytest.approx(6 * bf16["per_step_ms"] / fp8["clip_ms_with_step_cache"])
 
 
 def test_a_failure_is_an_error_row_and_the_rest_go_on(bench, tmp_path, monkeypatch):
