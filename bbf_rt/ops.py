@@ -134,6 +134,17 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps
     return _nm_ref.norm_modulate(x, shift, scale, eps, rms)
 
 
+def residual_norm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                           scale: torch.Tensor, eps: float, rms: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """r = x + gate * y and norm(r) * (1 + scale) + shift in one pass -> (r, normalised r); gate (B, Fg, C),
+    shift/scale (B, Fm, C), each per sample or per frame. Where a block's residual add is followed by the
+    next sub-layer's norm (self-attention -> a condition branch -> the next branch -> the FFN)."""
+    mod = _triton_module("norm_modulate", x)
+    if mod is not None:
+        return mod.residual_norm_modulate(x, y, gate, shift, scale, eps, rms)
+    return _nm_ref.residual_norm_modulate(x, y, gate, shift, scale, eps, rms)
+
+
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + gate * y; x, y (B, L, C), gate (B, F, C) per frame (F divides L)."""
     mod = _triton_module("gated_residual", x)

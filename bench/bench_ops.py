@@ -102,7 +102,10 @@ class Rows:
         return row
 
 
-def _err(out: torch.Tensor, oracle: torch.Tensor) -> float:
+def _err(out, oracle) -> float:
+    """Max abs error; for ops with several outputs, the largest over them."""
+    if isinstance(out, (tuple, list)):
+        return max(_err(o, r) for o, r in zip(out, oracle))
     return float(f"{(out.float() - oracle).abs().max().item():.3g}")
 
 
@@ -201,10 +204,19 @@ def bench_memory_bound(rows: Rows, lengths, compile_glue: bool, ops: set[str]) -
                 qkv = torch.randn(1, L, 3 * C, device=DEV, dtype=BF16)
                 return (qkv[:, :, :C], torch.rand(C, device=DEV, dtype=BF16) + 0.5, ang.cos(), ang.sin(), H, 1e-6)
 
+            def rnm_in(i):
+                return (*gr_in(i), *nm_in(i)[1:])
+
+            def rnm_unfused(x, y, gate, shift, scale, eps, rms):  # what the block ran before the fused kernel
+                r = gr_tt.gated_residual(x, y, gate)
+                return r, nm_tt.norm_modulate(r, shift, scale, eps, rms)
+
             e = 2  # bf16 bytes
             specs = [
                 ("norm_modulate", nm_in, nm_tt.norm_modulate, nm_ref.norm_modulate, 2 * L * C * e + 2 * FRAMES * C * e),
                 ("gated_residual", gr_in, gr_tt.gated_residual, gr_ref.gated_residual, 3 * L * C * e + FRAMES * C * e),
+                ("residual_norm_modulate", rnm_in, nm_tt.residual_norm_modulate, nm_ref.residual_norm_modulate,
+                 4 * L * C * e + 3 * FRAMES * C * e),
                 ("rms_norm_rope", rope_in, rope_tt.rms_norm_rope, rope_ref.rms_norm_rope, 2 * L * C * e + 2 * L * (C // H // 2) * 4 + C * e),
             ]
             for name, make, tt_fn, ref_fn, nbytes in (sp for sp in specs if sp[0] in ops):
@@ -214,6 +226,8 @@ def bench_memory_bound(rows: Rows, lengths, compile_glue: bool, ops: set[str]) -
                 oracle = ref_fn(*up)
                 ref_err = _err(ref_fn(*a), oracle)
                 backends = [("triton", tt_fn), ("eager", ref_fn)]
+                if name == "residual_norm_modulate":  # the two kernels it replaces (bytes: the fused op's floor)
+                    backends.append(("triton-unfused", rnm_unfused))
                 if compile_glue and L == lengths[0]:
                     backends.append(("compile", torch.compile(ref_fn, fullgraph=True, dynamic=False)))
                 for bname, fn in backends:
@@ -494,7 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--git-sha", default="unknown")
     p.add_argument("--only", default="attention,cross,memory,group_norm,conv_epilogue,rope_configs,block,player",
                    help="comma-separated sections to run (default: all)")
-    p.add_argument("--ops", default="norm_modulate,gated_residual,rms_norm_rope", help="memory-bound ops to run")
+    p.add_argument("--ops", default="norm_modulate,gated_residual,residual_norm_modulate,rms_norm_rope",
+                   help="memory-bound ops to run")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_ops: needs a CUDA GPU", file=sys.stderr)

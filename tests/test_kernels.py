@@ -186,6 +186,45 @@ def test_gated_residual_matches_oracle(case, dtype):
           gr_ref.gated_residual(x.float(), y.float(), gate.float()))
 
 
+RNM_CASES = [(2, 3, 1, 77, 96), (1, 1, 1, 1000, 384), (2, 2, 1, 5, 1536), (2, 1, 4, 9, 64)]  # (B, Fg, Fm, S, C)
+
+
+@pytest.mark.parametrize("dtype", LOW + [torch.float32], ids=str)
+@pytest.mark.parametrize("case", RNM_CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("rms", [False, True], ids=["layernorm", "rmsnorm"])
+def test_residual_norm_modulate_matches_oracle_and_the_two_ops(case, dtype, rms):
+    """The fused residual + next norm: both outputs under the 2x rule, and bit-equal to gated_residual
+    then norm_modulate (the stream the unfused block carried). Gates and modulation with different frame
+    counts (a per-frame audio gate before a per-sample LayerNorm, and the reverse); the LayerNorm affine
+    arrives as stride-0 fp32 (shift, scale), as the model passes it."""
+    B, Fg, Fm, S, C = case
+    L = max(Fg, Fm) * S
+    g = torch.Generator().manual_seed(5)
+    x = rnd(B, L, 2 * C, dtype=dtype, gen=g, scale=3.0)[:, :, C:] + 1  # strided rows, non-zero mean
+    y, gate = rnd(B, L, C, dtype=dtype, gen=g), rnd(B, Fg, C, dtype=dtype, gen=g)
+    shift, scale = rnd(1, Fm, C, gen=g).expand(B, Fm, C), rnd(1, Fm, C, gen=g).expand(B, Fm, C)
+    poison(x, y)
+    r, h = nm_tt.residual_norm_modulate(x, y, gate, shift, scale, 1e-6, rms)
+    r_low, h_low = nm_ref.residual_norm_modulate(x, y, gate, shift, scale, 1e-6, rms)
+    r32, h32 = nm_ref.residual_norm_modulate(x.float(), y.float(), gate.float(), shift, scale, 1e-6, rms)
+    check(r, r_low, r32)
+    check(h, h_low, h32)
+    r2 = gr_tt.gated_residual(x, y, gate)
+    assert torch.equal(r, r2)
+    torch.testing.assert_close(h, nm_tt.norm_modulate(r2, shift, scale, 1e-6, rms), atol=0, rtol=0)
+
+
+def test_residual_norm_modulate_rejects_bad_shapes():
+    x = rnd(2, 6, 32, dtype=torch.bfloat16)
+    f = rnd(2, 1, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="gate"):
+        nm_tt.residual_norm_modulate(x, x, rnd(2, 4, 32), f, f, 1e-6)  # 4 frames do not divide 6 tokens
+    with pytest.raises(ValueError, match="shift/scale"):
+        nm_tt.residual_norm_modulate(x, x, f, rnd(2, 1, 16), rnd(2, 1, 16), 1e-6)
+    with pytest.raises(ValueError, match="must be equal"):
+        nm_tt.residual_norm_modulate(x, x[:, :5], f, f, f, 1e-6)
+
+
 @pytest.mark.parametrize("dtype", LOW + [torch.float32], ids=str)
 @pytest.mark.parametrize("case", [(2, 77, 2, 32), (1, 1000, 6, 64), (2, 5, 12, 128), (1, 33, 3, 24)],
                          ids=lambda c: "x".join(map(str, c)))
@@ -292,6 +331,7 @@ def _op_samples():
         "attention": (torch.ops.bbf_rt.attention, (q, k, v, _mask(1, 17), 0.2)),
         "norm_modulate": (torch.ops.bbf_rt.norm_modulate, (x, f, f, 1e-6, False)),
         "gated_residual": (torch.ops.bbf_rt.gated_residual, (x, x, f)),
+        "residual_norm_modulate": (torch.ops.bbf_rt.residual_norm_modulate, (x, x, f[:, :1], f, f, 1e-6, True)),
         "rms_norm_rope": (torch.ops.bbf_rt.rms_norm_rope, (x, w, ang.cos(), ang.sin(), 2, 1e-6)),
         "group_norm_silu": (torch.ops.bbf_rt.group_norm_silu, (rnd(2, 8, 5, 6, dtype=torch.bfloat16), w[:8], w[:8], 4,
                                                                1e-6, True)),
@@ -301,8 +341,8 @@ def _op_samples():
     }
 
 
-@pytest.mark.parametrize("name", ["attention", "norm_modulate", "gated_residual", "rms_norm_rope", "group_norm_silu",
-                                  "group_norm_silu_nhwc"])
+@pytest.mark.parametrize("name", ["attention", "norm_modulate", "gated_residual", "residual_norm_modulate",
+                                  "rms_norm_rope", "group_norm_silu", "group_norm_silu_nhwc"])
 def test_opcheck(name):
     op, args = _op_samples()[name]
     # the autograd checks do not apply: forward-only ops without a backward formula
@@ -313,11 +353,12 @@ def _block_glue(x, y, shift, scale, gate, w, cos, sin, mask):
     h = ops.norm_modulate(x, shift, scale, 1e-6)
     q = ops.rms_norm_rope(h, w, cos, sin, 2, 1e-6)
     a = ops.attention(q, q, q, mask).flatten(2)
-    return ops.gated_residual(x, a + y, gate)
+    r, h = ops.residual_norm_modulate(x, a + y, gate, shift, scale, 1e-6)
+    return ops.gated_residual(r, h, gate)
 
 
 def test_torch_compile_fullgraph_through_public_ops():
-    """All four ops in one graph; Inductor on the GPU, the aot_eager backend under the interpreter (whose
+    """All five ops in one graph; Inductor on the GPU, the aot_eager backend under the interpreter (whose
     kernels torch cannot trace, so they stay opaque custom ops)."""
     x, y = rnd(2, 12, 64, dtype=torch.bfloat16), rnd(2, 12, 64, dtype=torch.bfloat16)
     shift, scale, gate = (rnd(2, 3, 64, dtype=torch.bfloat16) for _ in range(3))
@@ -355,7 +396,7 @@ def test_export_keeps_triton_ops():
     with ops.implementation("triton"):
         ep = torch.export.export(Glue(), args)
     code = ep.graph_module.code
-    for name in ("attention", "norm_modulate", "gated_residual", "rms_norm_rope"):
+    for name in ("attention", "norm_modulate", "gated_residual", "residual_norm_modulate", "rms_norm_rope"):
         assert f"bbf_rt.{name}" in code, f"bbf_rt::{name} missing from the exported graph"
 
 
@@ -372,6 +413,7 @@ def test_preset_shapes(preset, L):
     _attn_check(qc, kc, vc, _mask(2, 512))
     test_norm_modulate_matches_oracle((1, 3, L // 3, C), torch.bfloat16, False)
     test_gated_residual_matches_oracle((1, 3, L // 3, C), torch.bfloat16)
+    test_residual_norm_modulate_matches_oracle_and_the_two_ops((1, 3, 3, L // 3, C), torch.bfloat16, False)
     test_rms_norm_rope_matches_oracle((1, L, H, D), torch.bfloat16, True)
 
 

@@ -98,10 +98,32 @@ class CrossAttentionBranch(nn.Module):
     ) -> torch.Tensor:
         """x: (B, L, C) tokens; cond: (B*frames, Lk, inner) embedded condition tokens; key_mask:
         (B*frames, Lk) bool; present: (B, frames) float, 0 where the sample (frame) has no such
-        condition. With frames > 1 each frame's L/frames tokens attend only to their own Lk tokens."""
-        B, L, _ = x.shape
+        condition. With frames > 1 each frame's L/frames tokens attend only to their own Lk tokens.
+        Returns x + gate * branch output (Block fuses that residual into the next norm instead)."""
+        y, gate = self.attend(self.norm(x), cond, key_mask, present, rope_q, rope_k, frames)
+        return ops.gated_residual(x, y, gate)
+
+    def norm_as_modulation(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The branch's LayerNorm affine as (shift, scale) for ops.norm_modulate: (batch, 1, dim) each, fp32
+        (weight - 1 is exact there, so norm * (1 + scale) + shift is the LayerNorm's norm * weight + bias)."""
+        w, b = self.norm.weight.float(), self.norm.bias.float()
+        return b[None, None].expand(batch, 1, -1), (w - 1)[None, None].expand(batch, 1, -1)
+
+    def attend(
+        self,
+        hn: torch.Tensor,
+        cond: torch.Tensor,
+        key_mask: torch.Tensor,
+        present: torch.Tensor,
+        rope_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rope_k: tuple[torch.Tensor, torch.Tensor] | None = None,
+        frames: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hn: (B, L, C) tokens after this branch's norm -> (the branch output (B, L, C), its gate
+        (B, frames, C)), the residual left to the caller."""
+        B, L, _ = hn.shape
         H = self.heads
-        q = self.q(self.norm(x))
+        q = self.q(hn)
         C = q.shape[-1]
         D = C // H
         k, v = self.kv(cond).chunk(2, dim=-1)
@@ -115,7 +137,7 @@ class CrossAttentionBranch(nn.Module):
         q = q.reshape(B * frames, L // frames, H, D)
         out = ops.attention(q, k, v, key_mask).reshape(B, L, C)
         gate = self.gate[None, None, :] * present[:, :, None].to(self.gate.dtype)  # (B, frames, C)
-        return ops.gated_residual(x, self.o(out), gate)
+        return self.o(out), gate
 
 
 class Block(nn.Module):
@@ -134,11 +156,15 @@ class Block(nn.Module):
         """x: (B, L, C); e: (B, F, 6, C) per-frame modulation; conds: name -> branch kwargs."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)  # (B, F, C) each
         h = ops.norm_modulate(x, shift1, scale1, self.eps)
-        x = ops.gated_residual(x, self.self_attn(h, cos, sin), gate1)
+        y, gate = self.self_attn(h, cos, sin), gate1
+        # each pending residual add is fused with the norm that reads its result (the next present branch's
+        # LayerNorm, then the FFN's adaLN): one pass over the stream per sub-layer instead of two
         for name, branch in self.branches.items():
             if name in conds:
-                x = branch(x, **conds[name])
-        h = ops.norm_modulate(x, shift2, scale2, self.eps)
+                shift, scale = branch.norm_as_modulation(x.shape[0])
+                x, h = ops.residual_norm_modulate(x, y, gate, shift, scale, branch.norm.eps)
+                y, gate = branch.attend(h, **conds[name])
+        x, h = ops.residual_norm_modulate(x, y, gate, shift2, scale2, self.eps)
         return ops.gated_residual(x, self._ffn(h), gate2)
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:

@@ -30,3 +30,21 @@ def norm_modulate(
     The norm has no affine weights (adaLN supplies them). Statistics in fp32; returns x's dtype.
     """
     return norm_modulate_fp32(x, shift, scale, eps, rms).to(x.dtype)
+
+
+def residual_norm_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+    rms: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A gated residual and the next norm_modulate on its result: r = x + gate * y, then
+    (r, norm(r) * (1 + scale) + shift).
+
+    x, y: (B, L, C) frame-major; gate: (B, Fg, C) and shift, scale: (B, Fm, C), each per sample (F = 1)
+    or per frame (F dividing L), independently. r is rounded to x's dtype before the norm reads it (as
+    the two ops in sequence); both results are returned in x's dtype.
+    """
+    B, L, C = x.shape
+    Fg = gate.shape[1]
+    r = x.float().view(B, Fg, L // Fg, C) + gate.float()[:, :, None, :] * y.float().view(B, Fg, L // Fg, C)
+    r = r.view(B, L, C).to(x.dtype)
+    return r, norm_modulate(r, shift, scale, eps, rms)

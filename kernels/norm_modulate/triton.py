@@ -1,4 +1,5 @@
-"""LayerNorm / RMSNorm (no affine) + adaLN modulation in one pass, registered as `bbf_rt::norm_modulate`.
+"""LayerNorm / RMSNorm (no affine) + adaLN modulation in one pass, registered as `bbf_rt::norm_modulate`;
+and `bbf_rt::residual_norm_modulate`, the gated residual before it fused in (see that kernel).
 
 Each program owns ROWS whole token rows of one frame of one sample, so it loads that frame's shift and
 scale once and keeps the rows in registers between the statistics and the output: x is read once and
@@ -94,3 +95,90 @@ def norm_modulate(
     if shift.shape[0] != B or shift.shape[2] != C or shift.shape[1] < 1 or L % shift.shape[1]:
         raise ValueError(f"norm_modulate: shift/scale {tuple(shift.shape)} must be (B={B}, F, C={C}) with F dividing L={L}")
     return _op(x, shift, scale, float(eps), bool(rms))
+
+
+@triton.jit
+def _residual_norm_modulate_kernel(X, Y, G, SHIFT, SCALE, R, OUT, L, C, SG, SM, eps,
+                                   sxb, sxl, sxc, syb, syl, syc, sgb, sgf, sgc, shb, shf, shc, scb, scf, scc,
+                                   srb, srl, sob, sol,
+                                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr, RMS: tl.constexpr, RNE: tl.constexpr):
+    eps = tl.cast(eps, tl.float32)
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_l * ROWS + tl.arange(0, ROWS)  # token index in the sample
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mask = (rows < L)[:, None] & cmask[None, :]
+    # gate and shift/scale rows by each token's frame (their frame counts may differ); tiny tables, cached
+    fg = (rows // SG)[:, None]
+    fm = (rows // SM)[:, None]
+    x = tl.load(X + b * sxb + rows[:, None] * sxl + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + b * syb + rows[:, None] * syl + cols[None, :] * syc, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + b * sgb + fg * sgf + cols[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
+    r = x + g * y
+    if RNE:
+        r = rne_bf16(r)
+    r = r.to(R.dtype.element_ty)
+    tl.store(R + b * srb + rows[:, None] * srl + cols[None, :], r, mask=mask)
+    r = r.to(tl.float32)  # the norm reads the rounded residual stream, as the two ops in sequence
+    if RMS:
+        h = r * tl.rsqrt(tl.sum(r * r, 1) / C + eps)[:, None]
+    else:
+        mean = tl.sum(r, 1) / C
+        rc = tl.where(cmask[None, :], r - mean[:, None], 0.0)
+        h = rc * tl.rsqrt(tl.sum(rc * rc, 1) / C + eps)[:, None]
+    shift = tl.load(SHIFT + b * shb + fm * shf + cols[None, :] * shc, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * scb + fm * scf + cols[None, :] * scc, mask=mask, other=0.0).to(tl.float32)
+    out = h * (1.0 + scale) + shift
+    if RNE:
+        out = rne_bf16(out)
+    tl.store(OUT + b * sob + rows[:, None] * sol + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+def residual_launch(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                    eps: float, rms: bool, rows: int | None = None,
+                    num_warps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    B, L, C = x.shape
+    r_out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    out = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return r_out, out
+    block_c, r, w = launch_params(C)
+    r, w = rows or r, num_warps or w
+    grid = (triton.cdiv(L, r), B)
+    wrap_triton(_residual_norm_modulate_kernel)[grid](
+        x, y, gate, shift, scale, r_out, out, L, C, L // gate.shape[1], L // shift.shape[1], eps,
+        *x.stride(), *y.stride(), *gate.stride(), *shift.stride(), *scale.stride(),
+        r_out.stride(0), r_out.stride(1), out.stride(0), out.stride(1),
+        ROWS=r, BLOCK_C=block_c, RMS=rms, RNE=INTERPRET and x.dtype == torch.bfloat16, num_warps=w)
+    return r_out, out
+
+
+def _residual_op_impl(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                      eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return residual_launch(x, y, gate, shift, scale, eps, rms)
+
+
+_residual_op = register_op("residual_norm_modulate", _residual_op_impl,
+                           lambda x, y, gate, shift, scale, eps, rms: (x.new_empty(x.shape), x.new_empty(x.shape)))
+
+
+def residual_norm_modulate(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+    rms: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, norm(r) * (1 + scale) + shift) with r = x + gate * y, as kernels/norm_modulate/reference.py.
+
+    One pass: x and y are read once, r and the normalised rows written once (4 * B * L * C * itemsize
+    bytes, against 5 for gated_residual then norm_modulate). x, y: (B, L, C) frame-major, any strides;
+    gate: (B, Fg, C), shift/scale: (B, Fm, C), each F dividing L. Returns two (B, L, C) contiguous tensors
+    in x's dtype.
+    """
+    if x.dim() != 3 or y.shape != x.shape or gate.dim() != 3 or shift.dim() != 3 or shift.shape != scale.shape:
+        raise ValueError(f"residual_norm_modulate: x {tuple(x.shape)} and y {tuple(y.shape)} must be equal (B, L, C), "
+                         f"gate {tuple(gate.shape)}, shift {tuple(shift.shape)} and scale {tuple(scale.shape)} (B, F, C)")
+    B, L, C = x.shape
+    for name, t in (("gate", gate), ("shift/scale", shift)):
+        if t.shape[0] != B or t.shape[2] != C or t.shape[1] < 1 or L % t.shape[1]:
+            raise ValueError(f"residual_norm_modulate: {name} {tuple(t.shape)} must be (B={B}, F, C={C}) with F dividing L={L}")
+    return _residual_op(x, y, gate, shift, scale, float(eps), bool(rms))
