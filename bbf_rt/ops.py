@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
@@ -251,14 +251,37 @@ def int8_attention(
     return _i8_ref.int8_attention(q, k, v, key_mask, pv=pv)
 
 
+class FP8Rows(NamedTuple):
+    """An activation already quantised per row, as the norm kernels hand it to the next FP8 linear:
+    q (M, K) float8_e4m3fn and scale (M,) fp32 for the tokens of a (..., K) tensor of `shape` and `dtype`."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+
+
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor | FP8Rows, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
     gelu: bool = False, fast_accum: bool = True,
 ) -> torch.Tensor:
     """quantise_rows(gelu?(x)) @ dequantise(weight)^T + bias; x (..., K), weight (N, K) float8_e4m3fn with
     weight_scale (N,) fp32 (kernels/fp8_linear). Returns (..., N) in x's dtype. On the GPU a Triton kernel
     quantises the rows and cuBLAS multiplies in FP8 (compute capability >= 8.9, K and N multiples of 16);
-    elsewhere the reference dequantises and multiplies in fp32."""
+    elsewhere the reference dequantises and multiplies in fp32. x may be FP8Rows (quantised by the norm
+    before it): then only the GEMM runs."""
+    if isinstance(x, FP8Rows):
+        if gelu:
+            raise BBFInputError("fp8_linear: gelu=True needs the activation unquantised, not FP8Rows")
+        out_shape = (*x.shape[:-1], weight.shape[0])
+        mod = _triton_module("fp8_linear", x.q)
+        if mod is not None:
+            why = mod.supported(x.q.device)
+            if why is None and (x.shape[-1] % 16 or weight.shape[0] % 16):
+                why = f"shape (K={x.shape[-1]}, N={weight.shape[0]}); the FP8 GEMM needs multiples of 16"
+            if why is None:
+                return mod.scaled_mm(x.q, x.scale, weight, weight_scale, bias, x.dtype, fast_accum).reshape(out_shape)
+            _fallback("fp8_linear", why)
+        return _fp8_ref.scaled_matmul(x.q, x.scale, weight, weight_scale, bias, x.dtype).reshape(out_shape)
     mod = _triton_module("fp8_linear", x)
     if mod is not None:
         why = mod.supported(x.device)
@@ -279,3 +302,22 @@ def norm_modulate_fp8(
     if mod is not None:
         return mod.norm_modulate_fp8(x, shift, scale, eps, rms)
     return _fp8_ref.norm_modulate_quantize(x, shift, scale, eps, rms)
+
+
+def norm_modulate_to_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                         rms: bool = False) -> FP8Rows:
+    """norm_modulate_fp8 as the FP8Rows an FP8 linear takes (the block's qkv input, quantised by the norm)."""
+    q, s = norm_modulate_fp8(x, shift, scale, eps, rms)
+    return FP8Rows(q, s, x.shape, x.dtype)
+
+
+def residual_norm_modulate_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, eps: float, rms: bool = False) -> tuple[torch.Tensor, FP8Rows]:
+    """residual_norm_modulate with the normalised rows quantised for the next FP8 linear in the same pass:
+    -> (r = x + gate * y in x's dtype, FP8Rows of norm(r) * (1 + scale) + shift)."""
+    mod = _triton_module("fp8_linear", x)
+    if mod is not None:
+        r, q, s = mod.residual_norm_modulate_fp8(x, y, gate, shift, scale, eps, rms)
+    else:
+        r, q, s = _fp8_ref.residual_norm_modulate_quantize(x, y, gate, shift, scale, eps, rms)
+    return r, FP8Rows(q, s, x.shape, x.dtype)

@@ -132,6 +132,31 @@ def test_triton_norm_modulate_fp8_matches_reference(rms):
     torch.testing.assert_close(s2, sr, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("frames", [(3, 1), (1, 3)], ids=["gate3-mod1", "gate1-mod3"])
+def test_triton_residual_norm_modulate_fp8_matches_reference(frames, rms):
+    """The fused residual + norm + e4m3 quantisation: the residual stream bit-equal to the bf16 fused op's
+    (and the reference), the codes and row scales as norm_modulate_fp8's on that stream."""
+    from bbf_rt.kernels.norm_modulate import triton as nm_tt
+
+    Fg, Fm = frames
+    B, S, C = 2, 7, 96
+    x, y = rnd(B, 3 * S, C, dtype=torch.bfloat16, scale=3), rnd(B, 3 * S, C, dtype=torch.bfloat16, seed=3)
+    gate = rnd(B, Fg, C, dtype=torch.bfloat16, seed=4)
+    shift, scale = rnd(1, Fm, C, seed=1).expand(B, Fm, C), rnd(1, Fm, C, seed=2).expand(B, Fm, C)  # stride-0 fp32
+    r, q, s = fp8_tt.residual_norm_modulate_fp8(x, y, gate, shift, scale, 1e-6, rms)
+    rr, qr, sr = fp8_ref.residual_norm_modulate_quantize(x, y, gate, shift, scale, 1e-6, rms)
+    assert torch.equal(r, rr) and torch.equal(r, nm_tt.residual_norm_modulate(x, y, gate, shift, scale, 1e-6, rms)[0])
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (B * 3 * S, C) and s.shape == (B * 3 * S,)
+    torch.testing.assert_close(s, sr, rtol=1e-5, atol=0)
+    diff = (q.float() - qr.float()).abs()
+    assert (diff <= qr.float().abs() * 2 * U + 2.0**-9).all() and (diff > 0).float().mean().item() <= 1e-2
+    q2, s2 = fp8_tt.norm_modulate_fp8(r, shift, scale, 1e-6, rms)
+    assert torch.equal(s, s2) and torch.equal(q.view(torch.uint8), q2.view(torch.uint8))
+    with pytest.raises(ValueError, match="gate"):
+        fp8_tt.residual_norm_modulate_fp8(x, y, gate[:, :1].expand(B, 2, C), shift, scale, 1e-6)
+
+
 # ---------------------------------------------------------------- FP8 linear
 
 def _linear_case(M=130, K=192, N=80, dtype=torch.float32, seed=0):
@@ -191,6 +216,40 @@ def test_fp8_linear_module_survives_dtype_casts():
     torch.testing.assert_close(m.dequantized_weight(), lin.weight, rtol=U, atol=1e-3)
     with pytest.raises(BBFInputError, match="float8_e4m3fn"):
         FP8Linear(4, 4, torch.zeros(4, 4), torch.ones(4), None)
+
+
+def test_ops_fp8_linear_takes_rows_the_norm_quantised():
+    """FP8Rows (codes + row scales from a norm kernel) into fp8_linear: the same product as quantising
+    the tensor inside the op, exactly on the reference path; with gelu it is refused."""
+    x, lin = _linear_case(M=24, K=64, N=32)
+    w8, ws = fp8_ref.quantize_weight(lin.weight)
+    x3 = x.view(2, 12, 64)
+    rows = ops.FP8Rows(*fp8_ref.quantize_rows(x3), x3.shape, x3.dtype)
+    with ops.implementation("reference"):
+        got = ops.fp8_linear(rows, w8, ws, lin.bias)
+        torch.testing.assert_close(got, ops.fp8_linear(x3, w8, ws, lin.bias), rtol=0, atol=0)
+    assert got.shape == (2, 12, 32) and got.dtype == x.dtype
+    with pytest.raises(BBFInputError, match="gelu"):
+        ops.fp8_linear(rows, w8, ws, lin.bias, gelu=True)
+
+
+@torch.no_grad()
+def test_quantised_block_quantises_in_the_norms(monkeypatch):
+    """In a quantised model the qkv, branch-q and FFN-up linears get FP8Rows from the norm before them
+    (no separate quantisation pass); the o, kv and FFN-down linears quantise their input themselves."""
+    dit = quantize_model(_tiny())
+    seen = []
+    real = ops.fp8_linear
+
+    def spy(x, *a, **k):
+        seen.append(isinstance(x, ops.FP8Rows))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(ops, "fp8_linear", spy)
+    dit(**_model_inputs(dit.cfg, torch.float32))
+    blocks, branches = len(dit.blocks), 2  # text and context present in _model_inputs
+    assert sum(seen) == blocks * (2 + branches)  # qkv + FFN up + each present branch's q
+    assert len(seen) - sum(seen) == blocks * (2 + 2 * branches)  # o + FFN down + each branch's kv and o
 
 
 def test_ops_fp8_linear_and_norm_modulate_fp8_dispatch():
@@ -323,7 +382,7 @@ def test_ops_attention_mode_switches_and_falls_back(caplog):
     assert rel(out, i8_ref.int8_attention(q24, k24, v24)) < 1e-6
 
 
-@pytest.mark.parametrize("name", ["int8_attention", "quantize_rows_fp8", "norm_modulate_fp8"])
+@pytest.mark.parametrize("name", ["int8_attention", "quantize_rows_fp8", "norm_modulate_fp8", "residual_norm_modulate_fp8"])
 def test_opcheck(name):
     q, k, v = _qkv(1, 20, 17, 2, 32)
     x = rnd(2, 6, 64, dtype=torch.bfloat16)
@@ -332,6 +391,7 @@ def test_opcheck(name):
         "int8_attention": (torch.ops.bbf_rt.int8_attention, (q, k, v, _mask(1, 17), 0.2, False)),
         "quantize_rows_fp8": (torch.ops.bbf_rt.quantize_rows_fp8, (x.view(12, 64), True)),
         "norm_modulate_fp8": (torch.ops.bbf_rt.norm_modulate_fp8, (x, f, f, 1e-6, False)),
+        "residual_norm_modulate_fp8": (torch.ops.bbf_rt.residual_norm_modulate_fp8, (x, x, f[:, :1], f, f, 1e-6, True)),
     }
     op, args = samples[name]
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

@@ -58,7 +58,8 @@ class SelfAttention(nn.Module):
         # sequence parallelism (a bbf_rt.parallel.SequenceShard): None = the whole sequence is here
         self.sharding = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ops.FP8Rows, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: (B, L, C) normalised tokens, or their FP8Rows when qkv is an FP8 linear."""
         B, L, C = x.shape
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # (B, L, C) each
         q = ops.rms_norm_rope(q, self.norm_q, cos, sin, self.heads, self.eps)  # (B, L, H, D)
@@ -111,7 +112,7 @@ class CrossAttentionBranch(nn.Module):
 
     def attend(
         self,
-        hn: torch.Tensor,
+        hn: torch.Tensor | ops.FP8Rows,
         cond: torch.Tensor,
         key_mask: torch.Tensor,
         present: torch.Tensor,
@@ -140,6 +141,16 @@ class CrossAttentionBranch(nn.Module):
         return self.o(out), gate
 
 
+def _fp8_rows(linear: nn.Module) -> bool:
+    """True where `linear` takes ops.FP8Rows (an FP8Linear), so the norm before it quantises."""
+    return bool(getattr(linear, "accepts_fp8_rows", False))
+
+
+def _residual_norm(linear: nn.Module):
+    """The fused residual + norm whose output `linear` reads: FP8 rows or the model dtype."""
+    return ops.residual_norm_modulate_fp8 if _fp8_rows(linear) else ops.residual_norm_modulate
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -155,16 +166,20 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, e: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, conds: dict) -> torch.Tensor:
         """x: (B, L, C); e: (B, F, 6, C) per-frame modulation; conds: name -> branch kwargs."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + e).unbind(2)  # (B, F, C) each
-        h = ops.norm_modulate(x, shift1, scale1, self.eps)
+        # a linear that quantises its input to FP8 (bbf_rt.runtime.quant) gets it from the norm before it
+        if _fp8_rows(self.self_attn.qkv):
+            h = ops.norm_modulate_to_fp8(x, shift1, scale1, self.eps)
+        else:
+            h = ops.norm_modulate(x, shift1, scale1, self.eps)
         y, gate = self.self_attn(h, cos, sin), gate1
         # each pending residual add is fused with the norm that reads its result (the next present branch's
         # LayerNorm, then the FFN's adaLN): one pass over the stream per sub-layer instead of two
         for name, branch in self.branches.items():
             if name in conds:
                 shift, scale = branch.norm_as_modulation(x.shape[0])
-                x, h = ops.residual_norm_modulate(x, y, gate, shift, scale, branch.norm.eps)
+                x, h = _residual_norm(branch.q)(x, y, gate, shift, scale, branch.norm.eps)
                 y, gate = branch.attend(h, **conds[name])
-        x, h = ops.residual_norm_modulate(x, y, gate, shift2, scale2, self.eps)
+        x, h = _residual_norm(self.ffn[0])(x, y, gate, shift2, scale2, self.eps)
         return ops.gated_residual(x, self._ffn(h), gate2)
 
     def _ffn(self, h: torch.Tensor) -> torch.Tensor:

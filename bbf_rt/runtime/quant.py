@@ -9,9 +9,11 @@
 - attention precision is not module state: `bbf_rt.ops.attention_mode("int8")` (kernels/int8_attention)
   around the calls, which `wrap_denoiser` does for the engine.
 
-Not yet fused: the quantisation of the inputs of qkv and of the FFN's first linear into the preceding
-norm_modulate (`ops.norm_modulate_fp8` exists and is measured in bench/bench_quant.py); it needs the
-block to pass fp8 rows from norm_modulate to the linear, i.e. a change in bbf_rt/model/dit.py.
+- The inputs of qkv, of each branch's q and of the FFN's first linear are quantised by the norm before
+  them (`ops.norm_modulate_to_fp8`, `ops.residual_norm_modulate_fp8`): Block sees `accepts_fp8_rows` on
+  the linear and hands it `ops.FP8Rows` instead of a bf16 tensor, so no separate quantisation pass runs
+  there. The o projections (after attention) and each branch's kv (condition tokens) quantise their input
+  themselves.
 """
 from __future__ import annotations
 
@@ -65,7 +67,12 @@ class FP8Linear(nn.Module):
         """(N, K) fp32: the weight the layer multiplies by."""
         return self.weight.float() * self.weight_scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    #: Block may pass ops.FP8Rows (quantised by the norm before) instead of a tensor; not with gelu_input
+    @property
+    def accepts_fp8_rows(self) -> bool:
+        return not self.gelu_input
+
+    def forward(self, x: torch.Tensor | ops.FP8Rows) -> torch.Tensor:
         return ops.fp8_linear(x, self.weight, self.weight_scale, self.bias, gelu=self.gelu_input, fast_accum=self.fast_accum)
 
     def extra_repr(self) -> str:

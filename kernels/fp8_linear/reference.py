@@ -59,6 +59,20 @@ def norm_modulate_quantize(
     return quantize_rows(norm_modulate_fp32(x, shift, scale, eps, rms).reshape(-1, x.shape[-1]))
 
 
+def residual_norm_modulate_quantize(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+    rms: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gated residual r = x + gate * y (rounded to x's dtype, the residual stream) and its
+    norm_modulate quantised per row without a bf16 round trip: x, y (B, L, C); gate (B, Fg, C);
+    shift/scale (B, Fm, C) -> (r (B, L, C), q (B*L, C) float8_e4m3fn, row scale (B*L,) fp32)."""
+    B, L, C = x.shape
+    Fg = gate.shape[1]
+    r = x.float().view(B, Fg, L // Fg, C) + gate.float()[:, :, None, :] * y.float().view(B, Fg, L // Fg, C)
+    r = r.view(B, L, C).to(x.dtype)
+    return (r, *norm_modulate_quantize(r, shift, scale, eps, rms))
+
+
 def scaled_matmul(
     a8: torch.Tensor, a_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
     bias: torch.Tensor | None, out_dtype: torch.dtype,

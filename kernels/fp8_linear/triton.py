@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_e4m3
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16, rne_e4m3
 
 # kernels spell these values as literals: compiled Triton reads no non-constexpr globals, and the
 # interpreter cannot index expressions built from tl.constexpr globals
@@ -93,6 +93,45 @@ def _norm_modulate_fp8_kernel(X, SHIFT, SCALE, Q, S, L, Sf, C, F, eps,
     _store_e4m3_rows(y, Q, S, b * L + l, cols, rmask, mask, sqm, RNE)
 
 
+@triton.jit
+def _residual_norm_modulate_fp8_kernel(X, Y, G, SHIFT, SCALE, R, Q, S, L, C, SG, SM, eps,
+                                       sxb, sxl, sxc, syb, syl, syc, sgb, sgf, sgc, shb, shf, shc, scb, scf, scc,
+                                       srb, srl, sqm,
+                                       ROWS: tl.constexpr, BLOCK_C: tl.constexpr, RMS: tl.constexpr,
+                                       RNE: tl.constexpr, RNE_R: tl.constexpr):
+    """kernels/norm_modulate's residual_norm_modulate with the normalised rows stored as e4m3 codes and
+    row scales instead of bf16: r = x + gate * y written once, the FP8 linear's input written once."""
+    eps = tl.cast(eps, tl.float32)
+    pid_l = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_l * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rmask = rows < L
+    mask = rmask[:, None] & cmask[None, :]
+    fg = (rows // SG)[:, None]
+    fm = (rows // SM)[:, None]
+    x = tl.load(X + b * sxb + rows[:, None] * sxl + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + b * syb + rows[:, None] * syl + cols[None, :] * syc, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + b * sgb + fg * sgf + cols[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
+    r = x + g * y
+    if RNE_R:
+        r = rne_bf16(r)
+    r = r.to(R.dtype.element_ty)
+    tl.store(R + b * srb + rows[:, None] * srl + cols[None, :], r, mask=mask)
+    r = r.to(tl.float32)
+    if RMS:
+        h = r * tl.rsqrt(tl.sum(r * r, 1) / C + eps)[:, None]
+    else:
+        mean = tl.sum(r, 1) / C
+        rc = tl.where(cmask[None, :], r - mean[:, None], 0.0)
+        h = rc * tl.rsqrt(tl.sum(rc * rc, 1) / C + eps)[:, None]
+    shift = tl.load(SHIFT + b * shb + fm * shf + cols[None, :] * shc, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * scb + fm * scf + cols[None, :] * scc, mask=mask, other=0.0).to(tl.float32)
+    h = tl.where(mask, h * (1.0 + scale) + shift, 0.0)  # padded columns and rows must not enter the amax
+    _store_e4m3_rows(h, Q, S, b * L + rows, cols, rmask, mask, sqm, RNE)
+
+
 def _row_params(K: int) -> tuple[int, int, int]:
     """(BLOCK_K, ROWS, num_warps): whole rows in registers, ~4k-element tiles (as norm_modulate)."""
     block_k = triton.next_power_of_2(K)
@@ -130,6 +169,36 @@ def launch_norm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.
     return q, s
 
 
+def launch_residual_norm_modulate_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                                      scale: torch.Tensor, eps: float,
+                                      rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, L, C = x.shape
+    r = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    q = torch.empty((B * L, C), dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty((B * L,), dtype=torch.float32, device=x.device)
+    if q.numel() == 0:
+        return r, q, s
+    block_c, rows, warps = _row_params(C)
+    rows = max(2, rows)
+    wrap_triton(_residual_norm_modulate_fp8_kernel)[(triton.cdiv(L, rows), B)](
+        x, y, gate, shift, scale, r, q, s, L, C, L // gate.shape[1], L // shift.shape[1], eps,
+        *x.stride(), *y.stride(), *gate.stride(), *shift.stride(), *scale.stride(), r.stride(0), r.stride(1),
+        q.stride(0), ROWS=rows, BLOCK_C=block_c, RMS=rms, RNE=INTERPRET,
+        RNE_R=INTERPRET and x.dtype == torch.bfloat16, num_warps=warps)
+    return r, q, s
+
+
+def _rnm_fp8_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                eps: float, rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_residual_norm_modulate_fp8(x, y, gate, shift, scale, eps, rms)
+
+
+def _rnm_fp8_fake(x, y, gate, shift, scale, eps, rms):
+    B, L, C = x.shape
+    return (x.new_empty(x.shape), x.new_empty((B * L, C), dtype=torch.float8_e4m3fn),
+            x.new_empty((B * L,), dtype=torch.float32))
+
+
 def _quantize_rows_op(x2: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_quantize_rows(x2, gelu)
 
@@ -150,6 +219,7 @@ def _nm_fp8_fake(x, shift, scale, eps, rms):
 
 _quant_op = register_op("quantize_rows_fp8", _quantize_rows_op, _quantize_rows_fake)
 _nm_op = register_op("norm_modulate_fp8", _nm_fp8_op, _nm_fp8_fake)
+_rnm_op = register_op("residual_norm_modulate_fp8", _rnm_fp8_op, _rnm_fp8_fake)
 
 
 def supported(device: torch.device) -> str | None:
@@ -178,6 +248,21 @@ def norm_modulate_fp8(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
     if shift.shape[0] != B or shift.shape[2] != C or shift.shape[1] < 1 or L % shift.shape[1]:
         raise ValueError(f"norm_modulate_fp8: shift/scale {tuple(shift.shape)} must be (B={B}, F, C={C}), F dividing L={L}")
     return _nm_op(x, shift, scale, float(eps), bool(rms))
+
+
+def residual_norm_modulate_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                               scale: torch.Tensor, eps: float,
+                               rms: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """r = x + gate * y and norm_modulate(r) quantised per row, one pass: x, y (B, L, C); gate (B, Fg, C);
+    shift/scale (B, Fm, C) -> (r (B, L, C) in x's dtype, q (B*L, C) e4m3, row scale (B*L,) fp32)."""
+    if x.dim() != 3 or y.shape != x.shape or gate.dim() != 3 or shift.dim() != 3 or shift.shape != scale.shape:
+        raise ValueError(f"residual_norm_modulate_fp8: x {tuple(x.shape)} and y {tuple(y.shape)} must be equal "
+                         f"(B, L, C), gate {tuple(gate.shape)}, shift {tuple(shift.shape)}, scale {tuple(scale.shape)} (B, F, C)")
+    B, L, C = x.shape
+    for name, t in (("gate", gate), ("shift/scale", shift)):
+        if t.shape[0] != B or t.shape[2] != C or t.shape[1] < 1 or L % t.shape[1]:
+            raise ValueError(f"residual_norm_modulate_fp8: {name} {tuple(t.shape)} must be (B={B}, F, C={C}), F dividing L={L}")
+    return _rnm_op(x, y, gate, shift, scale, float(eps), bool(rms))
 
 
 def scaled_mm(a8: torch.Tensor, a_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor,
