@@ -148,7 +148,8 @@ def test_attention_rejects_bad_inputs():
         attn_tt.attention(q[..., :12], q[..., :12], q[..., :12])
 
 
-def test_ops_attention_falls_back_for_fp32(caplog):
+def test_ops_attention_falls_back_for_fp32(caplog, monkeypatch):
+    monkeypatch.setattr(ops, "_warned", set())  # logged once per process: an earlier test may have used it up
     q, k, v = _qkv(1, 9, 9, 2, 32, torch.float32)
     with ops.implementation("triton"):
         out = ops.attention(q, k, v)
