@@ -274,7 +274,7 @@ class BBFDiT(nn.Module):
         if text is not None and text_mask is not None and "text" in self.embed:
             conds["text"] = dict(cond=self.embed["text"](text.to(dt)), key_mask=text_mask, present=text_mask.any(-1, keepdim=True))
         if image is not None and image_mask is not None and "image" in self.embed:
-            ni, hi, wi = image.shape[1], image.shape[3] // ph, image.shape[4] // pw
+            hi, wi = image.shape[3] // ph, image.shape[4] // pw
             conds["image"] = dict(
                 cond=self.embed["image"](patchify(image.to(dt), ph, pw)),
                 key_mask=image_mask.repeat_interleave(hi * wi, dim=1),
@@ -290,7 +290,6 @@ class BBFDiT(nn.Module):
                 frames=Fr,
             )
         if context is not None and context_tau is not None and context_mask is not None and "context" in self.embed:
-            fc = context.shape[1]
             conds["context"] = dict(
                 cond=self.embed["context"](patchify(context.to(dt), ph, pw)),
                 key_mask=context_mask.repeat_interleave(h * w, dim=1),
