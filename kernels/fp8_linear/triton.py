@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_bf16, rne_e4m3
+from bbf_rt.kernels.norm_modulate.triton import residual_norm_rows
+from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_e4m3
 
 # kernels spell these values as literals: compiled Triton reads no non-constexpr globals, and the
 # interpreter cannot index expressions built from tl.constexpr globals
@@ -101,35 +102,14 @@ def _residual_norm_modulate_fp8_kernel(X, Y, G, SHIFT, SCALE, R, Q, S, L, C, SG,
                                        RNE: tl.constexpr, RNE_R: tl.constexpr):
     """kernels/norm_modulate's residual_norm_modulate with the normalised rows stored as e4m3 codes and
     row scales instead of bf16: r = x + gate * y written once, the FP8 linear's input written once."""
-    eps = tl.cast(eps, tl.float32)
-    pid_l = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    rows = pid_l * ROWS + tl.arange(0, ROWS)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    h = residual_norm_rows(X, Y, G, SHIFT, SCALE, R, b, rows, cols, L, C, SG, SM, eps,
+                           sxb, sxl, sxc, syb, syl, syc, sgb, sgf, sgc, shb, shf, shc, scb, scf, scc, srb, srl,
+                           RMS, RNE_R)  # padded columns and rows come back 0: they stay out of the amax
     rmask = rows < L
-    mask = rmask[:, None] & cmask[None, :]
-    fg = (rows // SG)[:, None]
-    fm = (rows // SM)[:, None]
-    x = tl.load(X + b * sxb + rows[:, None] * sxl + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y + b * syb + rows[:, None] * syl + cols[None, :] * syc, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + b * sgb + fg * sgf + cols[None, :] * sgc, mask=mask, other=0.0).to(tl.float32)
-    r = x + g * y
-    if RNE_R:
-        r = rne_bf16(r)
-    r = r.to(R.dtype.element_ty)
-    tl.store(R + b * srb + rows[:, None] * srl + cols[None, :], r, mask=mask)
-    r = r.to(tl.float32)
-    if RMS:
-        h = r * tl.rsqrt(tl.sum(r * r, 1) / C + eps)[:, None]
-    else:
-        mean = tl.sum(r, 1) / C
-        rc = tl.where(cmask[None, :], r - mean[:, None], 0.0)
-        h = rc * tl.rsqrt(tl.sum(rc * rc, 1) / C + eps)[:, None]
-    shift = tl.load(SHIFT + b * shb + fm * shf + cols[None, :] * shc, mask=mask, other=0.0).to(tl.float32)
-    scale = tl.load(SCALE + b * scb + fm * scf + cols[None, :] * scc, mask=mask, other=0.0).to(tl.float32)
-    h = tl.where(mask, h * (1.0 + scale) + shift, 0.0)  # padded columns and rows must not enter the amax
-    _store_e4m3_rows(h, Q, S, b * L + rows, cols, rmask, mask, sqm, RNE)
+    _store_e4m3_rows(h, Q, S, b * L + rows, cols, rmask, rmask[:, None] & (cols < C)[None, :], sqm, RNE)
 
 
 def _row_params(K: int) -> tuple[int, int, int]:

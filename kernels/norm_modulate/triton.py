@@ -98,18 +98,16 @@ def norm_modulate(
 
 
 @triton.jit
-def _residual_norm_modulate_kernel(X, Y, G, SHIFT, SCALE, R, OUT, L, C, SG, SM, eps,
-                                   sxb, sxl, sxc, syb, syl, syc, sgb, sgf, sgc, shb, shf, shc, scb, scf, scc,
-                                   srb, srl, sob, sol,
-                                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr, RMS: tl.constexpr, RNE: tl.constexpr):
-    eps = tl.cast(eps, tl.float32)
-    pid_l = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rows = pid_l * ROWS + tl.arange(0, ROWS)  # token index in the sample
-    cols = tl.arange(0, BLOCK_C)
+def residual_norm_rows(X, Y, G, SHIFT, SCALE, R, b, rows, cols, L, C, SG, SM, eps,
+                       sxb, sxl, sxc, syb, syl, syc, sgb, sgf, sgc, shb, shf, shc, scb, scf, scc, srb, srl,
+                       RMS: tl.constexpr, RNE: tl.constexpr):
+    """The body both fused residual + norm kernels share (this one's bf16 output and kernels/fp8_linear's
+    e4m3 one): loads x, y and each row's gate and shift/scale by its frame (their frame counts may
+    differ; tiny tables, cached), stores r = x + gate * y in R's dtype and returns
+    norm(r) * (1 + scale) + shift as fp32 (ROWS, BLOCK_C), 0 outside rows < L and cols < C."""
+    eps = tl.cast(eps, tl.float32)  # Inductor passes Python floats as fp64: keep the math in fp32
     cmask = cols < C
     mask = (rows < L)[:, None] & cmask[None, :]
-    # gate and shift/scale rows by each token's frame (their frame counts may differ); tiny tables, cached
     fg = (rows // SG)[:, None]
     fm = (rows // SM)[:, None]
     x = tl.load(X + b * sxb + rows[:, None] * sxl + cols[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
@@ -129,9 +127,23 @@ def _residual_norm_modulate_kernel(X, Y, G, SHIFT, SCALE, R, OUT, L, C, SG, SM, 
         h = rc * tl.rsqrt(tl.sum(rc * rc, 1) / C + eps)[:, None]
     shift = tl.load(SHIFT + b * shb + fm * shf + cols[None, :] * shc, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + b * scb + fm * scf + cols[None, :] * scc, mask=mask, other=0.0).to(tl.float32)
-    out = h * (1.0 + scale) + shift
+    return tl.where(mask, h * (1.0 + scale) + shift, 0.0)
+
+
+@triton.jit
+def _residual_norm_modulate_kernel(X, Y, G, SHIFT, SCALE, R, OUT, L, C, SG, SM, eps,
+                                   sxb, sxl, sxc, syb, syl, syc, sgb, sgf, sgc, shb, shf, shc, scb, scf, scc,
+                                   srb, srl, sob, sol,
+                                   ROWS: tl.constexpr, BLOCK_C: tl.constexpr, RMS: tl.constexpr, RNE: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)  # token index in the sample
+    cols = tl.arange(0, BLOCK_C)
+    out = residual_norm_rows(X, Y, G, SHIFT, SCALE, R, b, rows, cols, L, C, SG, SM, eps,
+                             sxb, sxl, sxc, syb, syl, syc, sgb, sgf, sgc, shb, shf, shc, scb, scf, scc, srb, srl,
+                             RMS, RNE)
     if RNE:
         out = rne_bf16(out)
+    mask = (rows < L)[:, None] & (cols < C)[None, :]
     tl.store(OUT + b * sob + rows[:, None] * sol + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
 
