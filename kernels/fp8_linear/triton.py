@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from bbf_rt.kernels.norm_modulate.triton import residual_norm_rows
+from bbf_rt.kernels.norm_modulate.triton import check_residual_norm_args, residual_norm_rows
 from bbf_rt.kernels.triton_common import INTERPRET, register_op, rne_e4m3
 
 # kernels spell these values as literals: compiled Triton reads no non-constexpr globals, and the
@@ -235,13 +235,7 @@ def residual_norm_modulate_fp8(x: torch.Tensor, y: torch.Tensor, gate: torch.Ten
                                rms: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """r = x + gate * y and norm_modulate(r) quantised per row, one pass: x, y (B, L, C); gate (B, Fg, C);
     shift/scale (B, Fm, C) -> (r (B, L, C) in x's dtype, q (B*L, C) e4m3, row scale (B*L,) fp32)."""
-    if x.dim() != 3 or y.shape != x.shape or gate.dim() != 3 or shift.dim() != 3 or shift.shape != scale.shape:
-        raise ValueError(f"residual_norm_modulate_fp8: x {tuple(x.shape)} and y {tuple(y.shape)} must be equal "
-                         f"(B, L, C), gate {tuple(gate.shape)}, shift {tuple(shift.shape)}, scale {tuple(scale.shape)} (B, F, C)")
-    B, L, C = x.shape
-    for name, t in (("gate", gate), ("shift/scale", shift)):
-        if t.shape[0] != B or t.shape[2] != C or t.shape[1] < 1 or L % t.shape[1]:
-            raise ValueError(f"residual_norm_modulate_fp8: {name} {tuple(t.shape)} must be (B={B}, F, C={C}), F dividing L={L}")
+    check_residual_norm_args("residual_norm_modulate_fp8", x, y, gate, shift, scale)
     return _rnm_op(x, y, gate, shift, scale, float(eps), bool(rms))
 
 

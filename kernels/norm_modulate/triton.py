@@ -186,11 +186,18 @@ def residual_norm_modulate(
     gate: (B, Fg, C), shift/scale: (B, Fm, C), each F dividing L. Returns two (B, L, C) contiguous tensors
     in x's dtype.
     """
+    check_residual_norm_args("residual_norm_modulate", x, y, gate, shift, scale)
+    return _residual_op(x, y, gate, shift, scale, float(eps), bool(rms))
+
+
+def check_residual_norm_args(op: str, x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                             scale: torch.Tensor) -> None:
+    """The shape rules of both fused residual + norm ops (this one and kernels/fp8_linear's), as ValueErrors
+    named after `op`."""
     if x.dim() != 3 or y.shape != x.shape or gate.dim() != 3 or shift.dim() != 3 or shift.shape != scale.shape:
-        raise ValueError(f"residual_norm_modulate: x {tuple(x.shape)} and y {tuple(y.shape)} must be equal (B, L, C), "
+        raise ValueError(f"{op}: x {tuple(x.shape)} and y {tuple(y.shape)} must be equal (B, L, C), "
                          f"gate {tuple(gate.shape)}, shift {tuple(shift.shape)} and scale {tuple(scale.shape)} (B, F, C)")
     B, L, C = x.shape
     for name, t in (("gate", gate), ("shift/scale", shift)):
         if t.shape[0] != B or t.shape[2] != C or t.shape[1] < 1 or L % t.shape[1]:
-            raise ValueError(f"residual_norm_modulate: {name} {tuple(t.shape)} must be (B={B}, F, C={C}) with F dividing L={L}")
-    return _residual_op(x, y, gate, shift, scale, float(eps), bool(rms))
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} must be (B={B}, F, C={C}) with F dividing L={L}")
