@@ -46,6 +46,8 @@ class ModelConfig:
     vae_base_channels: int | None = 32
     vae_channel_mult: tuple[int, ...] = (1, 2, 4)
     vae_res_blocks: int = 1
+    # width of the compact VAE's boundary-fusion head (bbf_rt.model.fusion); None = the plain decoder
+    vae_fusion: int | None = None
     modalities: tuple[str, ...] = MODALITIES
     # width of each condition branch's attention (its q/k/v/o and the condition embeddings), a multiple
     # of head_dim; None = dim (full-width branches, as Wan's cross-attention)
@@ -122,7 +124,8 @@ PRESETS: dict[str, ModelConfig] = {
     ),
     # the embedded default: real-time at 720p, small enough for the repository (<= 40M parameters)
     # (14.4M DiT parameters: 29 MiB in bf16; narrow 128-wide condition branches keep the four modalities cheap)
-    "bbf-s": ModelConfig(name="bbf-s", dim=320, depth=8, heads=5, ffn_dim=1280, latent_channels=16, branch_dim=128),
+    "bbf-s": ModelConfig(name="bbf-s", dim=320, depth=8, heads=5, ffn_dim=1280, latent_channels=16, branch_dim=128,
+                         vae_fusion=48),
     # Wan2.1 shapes (umt5-xxl text tokens; the Wan 3D VAE is external to the DiT)
     "wan-1.3b": ModelConfig(
         name="wan-1.3b", dim=1536, depth=30, heads=12, ffn_dim=8960, latent_channels=16, text_dim=4096,

@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     cache = tempfile.mkdtemp(prefix="bbf-rt-frames-")
 
     def clip(eng: Engine):
-        lat = torch.stack([o[0] for o in eng.run(midpoint_jobs(eng, frames), Conditions(), H, W)])
-        return lat, eng.decode(lat, H, W)
+        jobs, bounds = midpoint_jobs(eng, frames, with_bounds=True)
+        lat = torch.stack([o[0] for o in eng.run(jobs, Conditions(), H, W)])
+        return lat, eng.decode(lat, H, W, bounds)
 
     results = {}
     with torch.no_grad():

@@ -106,15 +106,19 @@ def panning_frames(n: int, H: int, W: int, seed: int = 0) -> np.ndarray:
     return (frames.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def midpoint_jobs(eng, frames) -> list:
+def midpoint_jobs(eng, frames, with_bounds: bool = False):
     """One 2x interpolation job per pair of consecutive `frames` ((n, H, W, 3) uint8, host or device):
-    upload, VAE encode of the n frames, start-end difference; `eng` is a bbf_rt Engine."""
+    upload, VAE encode of the n frames, start-end difference; `eng` is a bbf_rt Engine. with_bounds:
+    return (jobs, bounds), bounds as Engine.decode takes them (None for a VAE without a fusion head)."""
     from bbf_rt.runtime.engine import DenoiseJob
 
     pix = eng.to_pixels(frames)
     lat = eng.encode(pix)
     diff = eng.difference(pix[:-1], pix[1:])
-    return [DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=diff[i], taus=[0.5]) for i in range(len(pix) - 1)]
+    jobs = [DenoiseJob(key=i, lat0=lat[i], lat1=lat[i + 1], diff=diff[i], taus=[0.5]) for i in range(len(pix) - 1)]
+    if not with_bounds:
+        return jobs
+    return jobs, eng.bounds([(pix[i], pix[i + 1], [0.5]) for i in range(len(pix) - 1)])
 
 
 def fp8_unavailable() -> str | None:

@@ -60,8 +60,9 @@ class PlayerCase:
             return midpoint_jobs(eng, frames)
 
         def clip():
-            out = eng.run(prepare(), Conditions(), H, W)
-            return eng.decode(torch.stack([o[0] for o in out]), H, W)  # (B, H, W, 3) uint8 on the host
+            jobs, bounds = midpoint_jobs(eng, frames, with_bounds=True)
+            out = eng.run(jobs, Conditions(), H, W)
+            return eng.decode(torch.stack([o[0] for o in out]), H, W, bounds)  # (B, H, W, 3) uint8 on the host
 
         return prepare, clip
 

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                               denoiser=eng.denoiser)
 
             def clip(eng=eng):
-                return eng.decode(torch.stack([o[0] for o in eng.run(midpoint_jobs(eng, host), Conditions(), H, W)]), H, W)
+                jobs_, bounds = midpoint_jobs(eng, host, with_bounds=True)
+                return eng.decode(torch.stack([o[0] for o in eng.run(jobs_, Conditions(), H, W)]), H, W, bounds)
 
             # its own engine: the VAE's CUDA graphs of `eng` were captured with the fused op
             torch_gn = Engine(model, RuntimeConfig(steps=a.steps, cuda_graphs=True), dev, torch.bfloat16, denoiser=eng.denoiser)

@@ -29,6 +29,7 @@ class BBFModel(nn.Module):
                     base_channels=cfg.vae_base_channels,
                     channel_mult=cfg.vae_channel_mult,
                     num_res_blocks=cfg.vae_res_blocks,
+                    fusion_width=cfg.vae_fusion,
                 )
             )
         self.vae = vae

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from bbf_rt import ops
 from bbf_rt.errors import BBFInputError
+from bbf_rt.model.fusion import BoundaryFusion
 
 __all__ = [
     "VAEConfig",
@@ -41,6 +42,7 @@ class VAEConfig:
     num_res_blocks: int = 1
     scale: float | tuple[float, ...] = 1.0
     shift: float | tuple[float, ...] = 0.0
+    fusion_width: int | None = None  # a BoundaryFusion head of this width after the decoder; None = none
 
     @property
     def stride(self) -> int:
@@ -84,6 +86,7 @@ class VideoVAE(nn.Module):
     latent_channels: int
     spatial_stride: int
     temporal_stride: int
+    # CompactVAE may own a `fusion` submodule (bbf_rt.model.fusion); read it as getattr(vae, "fusion", None)
 
     def _register_norm(self, scale: Tensor, shift: Tensor) -> None:
         self.register_buffer("scale", scale.to(torch.float32))  # (C,)
@@ -263,6 +266,8 @@ class CompactVAE(VideoVAE):
         _check_positive("latent_channels", cfg.latent_channels)
         _check_positive("base_channels", cfg.base_channels)
         _check_positive("num_res_blocks", cfg.num_res_blocks)
+        if cfg.fusion_width is not None:
+            _check_positive("fusion_width", cfg.fusion_width)
         if len(cfg.channel_mult) == 0:
             raise BBFInputError("channel_mult=(): allowed is a non-empty tuple of positive ints")
         for m in cfg.channel_mult:
@@ -273,6 +278,7 @@ class CompactVAE(VideoVAE):
         self.temporal_stride = 1
         self.encoder = _Encoder(cfg)
         self.decoder = _Decoder(cfg)
+        self.fusion = BoundaryFusion(cfg.fusion_width) if cfg.fusion_width else None
         # checked on the config's numbers, not the tensor: the model may be built on the meta device
         scales = (cfg.scale,) if isinstance(cfg.scale, (int, float)) else tuple(cfg.scale)
         if any(float(v) == 0.0 for v in scales):
@@ -301,10 +307,21 @@ class CompactVAE(VideoVAE):
         z = self.normalize(self.encoder(self._layout(x)))
         return z.contiguous() if self.channels_last else z
 
-    def decode_frames(self, z: Tensor) -> Tensor:
-        """Normalised latents (N, C, h, w) -> frames (N, 3, h*s, w*s), nominally [-1, 1], not clamped."""
+    def decode_frames(self, z: Tensor, frame0: Tensor | None = None, frame1: Tensor | None = None,
+                      tau: Tensor | None = None) -> Tensor:
+        """Normalised latents (N, C, h, w) -> frames (N, 3, h*s, w*s), nominally [-1, 1], not clamped.
+
+        With the boundary frames of each latent's interval (frame0, frame1: (N, 3, H, W) in [-1, 1], the
+        decoded size) and its time tau (N,), a VAE with a fusion head rebuilds the frame from their pixels
+        (bbf_rt.model.fusion); without a head they are not needed and are ignored."""
         self.check_latents(z, "z", ndim=4)
-        return self.decoder(self._layout(self.denormalize(z)))
+        x = self.decoder(self._layout(self.denormalize(z)))
+        given = [t is not None for t in (frame0, frame1, tau)]
+        if any(given) and not all(given):
+            raise BBFInputError("decode_frames: pass frame0, frame1 and tau together, or none of them")
+        if self.fusion is None or not all(given):
+            return x
+        return self.fusion(x, self._layout(frame0.to(x.dtype)), self._layout(frame1.to(x.dtype)), tau)
 
     def encode(self, frames: Tensor) -> Tensor:
         """(B, F, 3, H, W) float in [-1, 1] -> normalised latents (B, F, C, H/s, W/s).
@@ -321,6 +338,19 @@ class CompactVAE(VideoVAE):
         self.check_latents(latents, "latents")
         b, f = latents.shape[0], latents.shape[1]
         x = self.decode_frames(latents.flatten(0, 1))  # (B*F, 3, H, W)
+        return x.unflatten(0, (b, f))
+
+    def decode_between(self, latents: Tensor, frame0: Tensor, frame1: Tensor, taus: Tensor) -> Tensor:
+        """In-between latents (B, F, C, h, w) of B intervals -> frames (B, F, 3, H, W), through the fusion
+        head when there is one: frame0, frame1 (B, 3, H, W) in [-1, 1] bound each interval, taus (B, F)."""
+        self.check_latents(latents, "latents")
+        b, f = latents.shape[0], latents.shape[1]
+        if self.fusion is None:
+            return self.decode(latents)
+        if tuple(taus.shape) != (b, f):
+            raise BBFInputError(f"taus has shape {tuple(taus.shape)}; allowed is ({b}, {f}), one time per latent")
+        rep = lambda t: t[:, None].expand(b, f, *t.shape[1:]).flatten(0, 1)  # noqa: E731
+        x = self.decode_frames(latents.flatten(0, 1), rep(frame0), rep(frame1), taus.flatten().float())
         return x.unflatten(0, (b, f))
 
 

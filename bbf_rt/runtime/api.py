@@ -175,4 +175,4 @@ def interpolate(
             ctx.append((eng.encode(eng.to_pixels(c[None]))[0], float(tau)))
         job.context = ctx
     lats = eng.run([job], cond, H, W)[0]
-    return eng.decode(lats, H, W)
+    return eng.decode(lats, H, W, eng.bounds([(pix[0], pix[1], taus)]))

@@ -154,9 +154,9 @@ class Engine:
             from bbf_rt.runtime.graphs import CUDAGraphDenoiser
 
             enc = CUDAGraphDenoiser(lambda x, s: vae.encode_frames(x), max_graphs=4)
-            dec = CUDAGraphDenoiser(lambda z, s: vae.decode_frames(z), max_graphs=4)
+            dec = CUDAGraphDenoiser(lambda z, s, **b: vae.decode_frames(z, **b), max_graphs=4)
             unit = torch.zeros(1, device=device)
-            self._vae_enc, self._vae_dec = (lambda x: enc(x, unit)), (lambda z: dec(z, unit))
+            self._vae_enc, self._vae_dec = (lambda x: enc(x, unit)), (lambda z, **b: dec(z, unit, **b))
 
     # ---- frames <-> latents -------------------------------------------------------------------
     def padded_size(self, height: int, width: int) -> tuple[int, int]:
@@ -174,18 +174,48 @@ class Engine:
             t = t.to(self.device)
         return t.permute(0, 3, 1, 2).float() / 255.0
 
+    @property
+    def fuses(self) -> bool:
+        """True when the VAE rebuilds decoded frames from the boundary frames (a fusion head)."""
+        return getattr(self.vae, "fusion", None) is not None
+
+    def _padded(self, pixels: torch.Tensor) -> torch.Tensor:
+        H, W = pixels.shape[-2:]
+        Hp, Wp = self.padded_size(H, W)
+        x = pixels * 2 - 1
+        return F.pad(x, (0, Wp - W, 0, Hp - H), mode="replicate") if (Hp, Wp) != (H, W) else x
+
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) in [0, 1] -> (N, C, h, w) latents of the frames padded by edge replication."""
-        H, W = pixels.shape[-2:]
-        Hp, Wp = self.padded_size(H, W)
-        x = F.pad(pixels * 2 - 1, (0, Wp - W, 0, Hp - H), mode="replicate") if (Hp, Wp) != (H, W) else pixels * 2 - 1
-        return self._vae_enc(x.to(self.dtype))
+        return self._vae_enc(self._padded(pixels).to(self.dtype))
+
+    def bounds(self, intervals) -> tuple | None:
+        """decode()'s `bounds` for the frames of several intervals, in order: `intervals` holds one
+        (pix0, pix1, taus) per interval, pix (3, H, W) in [0, 1] on the device. None unless Engine.fuses."""
+        if not self.fuses:
+            return None
+        p0 = [p[None].expand(len(t), -1, -1, -1) for p, _, t in intervals]
+        p1 = [p[None].expand(len(t), -1, -1, -1) for _, p, t in intervals]
+        return torch.cat(p0), torch.cat(p1), [float(x) for _, _, t in intervals for x in t]
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
-        """(N, C, h, w) -> (N, height, width, 3) uint8, cropped back from the padded size."""
-        x = ops.to_uint8_nhwc(self._vae_dec(latents.to(self.dtype)), height, width)
+    def decode(self, latents: torch.Tensor, height: int, width: int, bounds=None) -> np.ndarray:
+        """(N, C, h, w) -> (N, height, width, 3) uint8, cropped back from the padded size.
+
+        bounds: (pix0, pix1, taus) of each latent's interval, the boundary frames as (N, 3, H, W) in [0, 1]
+        on the device and the times as N floats; a VAE with a fusion head needs them (Engine.fuses) and
+        rebuilds each frame from their pixels; others ignore them."""
+        kw = {}
+        if bounds is not None and self.fuses:
+            pix0, pix1, taus = bounds
+            n = latents.shape[0]
+            if pix0.shape[0] != n or pix1.shape[0] != n or len(taus) != n:
+                raise BBFInputError(f"decode: {n} latents need {n} boundary pairs and times; got "
+                                    f"{pix0.shape[0]}, {pix1.shape[0]} and {len(taus)}")
+            kw = {"frame0": self._padded(pix0).to(self.dtype), "frame1": self._padded(pix1).to(self.dtype),
+                  "tau": torch.as_tensor([float(t) for t in taus], device=self.device, dtype=torch.float32)}
+        x = ops.to_uint8_nhwc(self._vae_dec(latents.to(self.dtype), **kw), height, width)
         if self._staging is not None:
             return self._staging.download(x)
         return x.cpu().numpy()

@@ -146,7 +146,8 @@ class Player:
             job = DenoiseJob(key=i, lat0=self.lat[i], lat1=self.lat[i + 1],
                              diff=self.eng.difference(self.pix[i][None], self.pix[i + 1][None])[0],
                              taus=self.taus, context=ctx if self.k else None)
-            mids = list(self.eng.decode(self.eng.run([job], self.cond, H, W)[0], H, W))
+            bounds = self.eng.bounds([(self.pix[i], self.pix[i + 1], self.taus)])
+            mids = list(self.eng.decode(self.eng.run([job], self.cond, H, W)[0], H, W, bounds))
         self.latencies_s.append(time.perf_counter() - t0)
         return mids + [self.frames[i + 1]]
 

@@ -184,7 +184,7 @@ def interpolate_video(
 
         def run_batch(batch) -> None:
             out = eng.run([job_for(b.i, b.taus) for b in batch], cond, H, W)
-            decoded = eng.decode(torch.cat(out), H, W)
+            decoded = eng.decode(torch.cat(out), H, W, eng.bounds([(pix[b.i], pix[b.i + 1], b.taus) for b in batch]))
             idx = [o for b in batch for o in b.out_indices]
             for o, fr in zip(idx, decoded):
                 ready[o] = fr

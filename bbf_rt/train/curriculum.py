@@ -34,7 +34,7 @@ class Stage:
     """What one curriculum stage trains, on what data, with which schedule."""
 
     name: str
-    trains: str  # "vae" | "backbone" | "branches" | "decoder"
+    trains: str  # "vae" | "backbone" | "branches" | "decoder" | "fusion"
     lr: float
     warmup: int  # linear learning-rate warmup (steps of this stage)
     lam_start: float = 0.0
@@ -61,6 +61,10 @@ STAGES: dict[str, Stage] = {
     # the VAE decoder alone, encoder and latent statistics frozen: sharper frames without moving the latent
     # space the DiT was trained in (any time after stage 1)
     "decoder": Stage(name="decoder", trains="decoder", lr=2e-4, warmup=100),
+    # the boundary-fusion head alone (bbf_rt.model.fusion), everything else frozen: frames rebuilt from the
+    # boundary pixels; moderate motion bias (lam 0.5), difference-weighted loss as stage 2 but milder
+    "fusion": Stage(name="fusion", trains="fusion", lr=3e-4, warmup=100, lam_start=0.5, lam_end=0.5, alpha=0.5,
+                    pool=2),
 }
 
 

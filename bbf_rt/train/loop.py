@@ -7,6 +7,10 @@ target v = eps - x0, per-sample L_i = mean (v_theta - v)^2, loss = mean_i w_i L_
 curriculum's difference weights w_i (mean 1).
 VAE loss: |x_hat - x|_1 + edge_weight * |grad x_hat - grad x|_1 (finite differences, no perceptual
 net) + 1e-5 * mean z^2; then the latent shift/scale buffers are set from data (per-channel mean, 1/std).
+Fusion loss (stage `fusion`, the boundary-fusion head alone): the same L1 + edge terms on the fused
+in-between frames, per sample weighted by the curriculum's w_i; the head sees what it will see at run
+time, the decoded output of the 2-step sampler, for a fraction `fusion_sampled` of the samples, and the
+decoded latents of the true targets for the rest.
 
 Every random draw is a pure function of (seed, stage, step): batches come from the generators by
 index, noise/sigma/dropout from generators seeded by the global step. A saved state (model, EMA,
@@ -70,10 +74,20 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     fps: float = 25.0
+    fusion_sampled: float = 0.75  # stage fusion: share of samples decoded from the 2-step sampler's latents
+    fusion_steps: int = 2  # the sampler steps of those latents (RuntimeConfig.steps at run time)
 
 
 def _is_branch(name: str) -> bool:
     return ".branches." in name or name.startswith("dit.embed.") or name == "dit.audio_pos"
+
+
+def _is_fusion(name: str) -> bool:
+    return name.startswith("vae.fusion.")
+
+
+def _without_fusion(cfg: ModelConfig) -> ModelConfig:
+    return replace(cfg, vae_fusion=None)
 
 
 class Trainer:
@@ -119,6 +133,8 @@ class Trainer:
                 mult = 1.0 if name.startswith("vae.") else 0.0
             elif st.trains == "decoder":
                 mult = 1.0 if name.startswith("vae.decoder.") else 0.0
+            elif st.trains == "fusion":
+                mult = 1.0 if _is_fusion(name) else 0.0
             elif name.startswith("vae."):
                 mult = 0.0
             elif st.trains == "branches":
@@ -189,6 +205,34 @@ class Trainer:
         loss = l1 + self.cfg.vae_edge_weight * edge + 1e-5 * z.float().pow(2).mean()
         return loss, {"l1": l1.detach(), "edge": edge.detach()}
 
+    def fusion_loss(self, batch: dict, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        from bbf_rt.runtime import sampler
+
+        B, Fr = batch["targets"].shape[:2]
+        vae, dit = self.model.vae, self.model.dit
+        if getattr(vae, "fusion", None) is None:
+            raise BBFInputError(f"stage fusion: preset {self.cfg.preset!r} has no fusion head (ModelConfig.vae_fusion)")
+        f0, f1, y = batch["frame0"] * 2 - 1, batch["frame1"] * 2 - 1, batch["targets"] * 2 - 1
+        with torch.no_grad():
+            lat = vae.encode(torch.cat([f0[:, None], f1[:, None], y], 1)).float()
+            z0, z1, x0 = lat[:, 0], lat[:, 1], lat[:, 2:]
+            valid = torch.ones(B, 1, *z0.shape[-2:], device=self.device)
+            noise = torch.randn(x0.shape, generator=gen, device=self.device)
+            den = lambda x, sig: dit(x, sig, batch["taus"], z0, z1, valid, batch["diff"]).float()  # noqa: E731
+            zs = sampler.sample(den, noise, sampler.make_sigmas(self.cfg.fusion_steps), solver="euler")
+            use = torch.rand(B, generator=gen, device=self.device) < self.cfg.fusion_sampled
+            z = torch.where(use.view(B, 1, 1, 1, 1), zs, x0).flatten(0, 1)
+            x = vae.decoder(vae.denormalize(z))
+        rep = lambda t: t[:, None].expand(B, Fr, *t.shape[1:]).flatten(0, 1)  # noqa: E731
+        out = vae.fusion(x, rep(f0), rep(f1), batch["taus"].flatten().float()).float()
+        t = y.flatten(0, 1)
+        per = ((out - t).abs().mean((1, 2, 3)) + self.cfg.vae_edge_weight * (
+            (out.diff(dim=-1) - t.diff(dim=-1)).abs().mean((1, 2, 3)) + (out.diff(dim=-2) - t.diff(dim=-2)).abs().mean((1, 2, 3))))
+        w = curriculum.loss_weights(batch["diff"], self.stage.alpha, self.stage.d_max)
+        loss = (w * per.view(B, Fr).mean(1)).mean()
+        plain = (x.float() - t).abs().mean()
+        return loss, {"l1": (out - t).abs().mean().detach(), "l1_decoded": plain.detach(), "d_mean": batch["diff"].mean().detach()}
+
     def sample_sigma(self, B: int, gen: torch.Generator) -> torch.Tensor:
         c = self.cfg
         n = torch.randn(B, generator=gen, device=self.device)
@@ -232,7 +276,12 @@ class Trainer:
         keep = curriculum.dropout_keep(torch.Generator().manual_seed(seed), self.cfg.batch, st.cond_dropout)
         self.model.train()
         with self._autocast(), ops.implementation("reference"):  # reference ops: differentiable everywhere
-            loss, stats = self.vae_loss(batch) if st.trains in ("vae", "decoder") else self.dit_loss(batch, gen, keep)
+            if st.trains in ("vae", "decoder"):
+                loss, stats = self.vae_loss(batch)
+            elif st.trains == "fusion":
+                loss, stats = self.fusion_loss(batch, gen)
+            else:
+                loss, stats = self.dit_loss(batch, gen, keep)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.params(), self.cfg.grad_clip)
         self.opt.step()
@@ -288,21 +337,38 @@ class Trainer:
         return save_shards(out, keep, {**self.meta("weights"), "part": part}, int(self.cfg.shard_mib * MIB))
 
     def load(self, directory: str | os.PathLike) -> None:
-        """Resume from a state or weights directory (or a run folder with latest.json)."""
+        """Resume from a state or weights directory (or a run folder with latest.json), or start from a
+        bbf-rt checkpoint (.safetensors, fresh optimizer). Weights saved without a fusion head load into a
+        model with one (the head keeps its initialisation: it returns the plain decoder's frames)."""
         directory = Path(directory)
         if (directory / "latest.json").is_file():
             directory = directory / json.loads((directory / "latest.json").read_text())["dir"]
-        tensors, meta = load_shards(directory, self.device)
-        saved = ModelConfig.from_dict({k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model_config"].items()})
-        if saved != self.model.cfg:
-            raise CheckpointError(f"{str(directory)!r} holds a {saved.name!r} model; this run trains {self.model.cfg.name!r}")
+        if directory.suffix == ".safetensors":
+            from bbf_rt.model.checkpoint import load_state
+
+            saved, tensors, cmeta = load_state(directory)
+            info = json.loads(cmeta.get("info", "{}"))
+            meta = {"kind": "weights", "stage": info.get("stage", ""), "global_step": int(info.get("global_step", 0)),
+                    "vae_calibrated": True}
+            tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        else:
+            tensors, meta = load_shards(directory, self.device)
+            saved = ModelConfig.from_dict({k: (tuple(v) if isinstance(v, list) else v) for k, v in meta["model_config"].items()})
+        gains_fusion = saved.vae_fusion is None and self.model.cfg.vae_fusion is not None
+        if saved != self.model.cfg and not (gains_fusion and saved == _without_fusion(self.model.cfg)):
+            raise CheckpointError(f"{str(directory)!r} holds a {saved.name!r} model of another shape; this run trains "
+                                  f"{self.model.cfg.name!r}")
+        if meta["kind"] == "state" and gains_fusion:
+            meta = {**meta, "kind": "weights"}  # the optimizer has no moments for the head: start it fresh
+            tensors = {**{k[6:]: v for k, v in tensors.items() if k.startswith("model/")},
+                       **{k[4:]: v for k, v in tensors.items() if k.startswith("ema/")}}
         if meta["kind"] == "state":
             self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
             for k in self.ema:
                 self.ema[k].copy_(tensors[f"ema/{k}"])
         else:
             missing, unexpected = self.model.load_state_dict(tensors, strict=False)
-            bad = [k for k in missing if not _is_branch(k)] + list(unexpected)
+            bad = [k for k in missing if not (_is_branch(k) or (gains_fusion and _is_fusion(k)))] + list(unexpected)
             if bad:
                 raise CheckpointError(f"{str(directory)!r} does not match the model: {bad[:5]}")
             for k, p in self.model.named_parameters():

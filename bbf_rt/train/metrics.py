@@ -119,7 +119,8 @@ def predict(model, batch: dict, withhold: Sequence[str] = (), steps: int = 2, so
         return model.dit(x, sigma, batch["taus"], lat[:, 0], lat[:, 1], valid, batch["diff"], **kw)
 
     x0 = sampler.sample(denoise, noise, sampler.make_sigmas(steps, shift=shift), solver=solver)
-    out = model.vae.decode(x0)
+    pix = pix.to(dev)
+    out = model.vae.decode_between(x0, pix[:, 0], pix[:, 1], batch["taus"].to(dev))
     return ((out.float().clamp(-1, 1) + 1) / 2).to(batch["targets"].device)
 
 

@@ -1,0 +1,110 @@
+"""Boundary fusion: the decoded in-between frame rebuilt from the boundary frames' own pixels.
+
+A frame decoded from a 16-channel, stride-8 latent is blurred (the compact VAE reconstructs at 27-29 dB),
+while the boundary frames hold the sharp pixels of almost everything the in-between frame shows. The
+fusion head reads the decoded frame x and the two boundary frames, estimates where each pixel of x sits
+in frame0 and in frame1 (two flows at 1/4 resolution, dilated convolutions for a wide view), warps both
+boundary frames there, and mixes the two warps with x itself per pixel (softmax weights) plus a small
+RGB residual:
+
+    out = a0 * warp(frame0, f0) + a1 * warp(frame1, f1) + ax * x + r,   (a0, a1, ax) = softmax(logits)
+
+Where the latent shows content neither boundary has (disocclusions, new light), the head can keep x.
+The output layer starts at zero with the x logit biased up, so an untrained head returns x (to
+within softmax(0, 0, 4) = 2% of each warp) and training starts from the plain decoder's quality.
+
+Frames are (N, 3, H, W) in [-1, 1] with H, W multiples of 4; tau (N,) is each frame's time in (0, 1).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bbf_rt.errors import BBFInputError
+
+__all__ = ["BoundaryFusion"]
+
+_X_BIAS = 4.0  # initial logit of the decoded frame against 0 for each warp
+
+
+class _DilatedBlock(nn.Module):
+    """x + conv(lrelu(conv(x))), both 3x3 with the same dilation."""
+
+    def __init__(self, width: int, dilation: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.1))
+
+
+def warp(frame: Tensor, flow: Tensor) -> Tensor:
+    """Backward warp: out[p] = frame[p + flow[p]], flow (N, 2, H, W) in pixels (x, y); borders repeat.
+
+    Sampled in fp32 whatever the inputs' dtype: bf16 sampling coordinates would be off by several
+    pixels at 720p (8 mantissa bits over [-1, 1]). Returns frame's dtype."""
+    n, _, h, w = frame.shape
+    ys = torch.linspace(-1.0, 1.0, h, device=frame.device)
+    xs = torch.linspace(-1.0, 1.0, w, device=frame.device)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=frame.device)
+    grid = torch.stack((gx, gy), -1)[None] + flow.float().permute(0, 2, 3, 1) * scale
+    out = F.grid_sample(frame.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return out.to(frame.dtype)
+
+
+class BoundaryFusion(nn.Module):
+    """Decoded frame + boundary frames + tau -> refined frame; see the module docstring.
+
+    width: channels of the 1/4-resolution flow estimator; blocks: its dilated residual blocks (dilations
+    1, 2, 4, 8, ...); fine: channels of the full-resolution mixing convolutions.
+    """
+
+    def __init__(self, width: int = 48, blocks: int = 4, fine: int = 16) -> None:
+        super().__init__()
+        self.coarse_in = nn.Conv2d(10, width, 3, padding=1)  # x, frame0, frame1 (pooled) and tau
+        self.coarse = nn.ModuleList(_DilatedBlock(width, 2**i) for i in range(blocks))
+        self.coarse_out = nn.Conv2d(width, 4, 3, padding=1)  # two flows in 1/4-resolution pixels
+        self.fine_in = nn.Conv2d(15, fine, 3, padding=1)  # x, both warps, both boundary frames
+        self.fine_mid = nn.Conv2d(fine, fine, 3, padding=1)
+        self.fine_out = nn.Conv2d(fine, 6, 3, padding=1)  # logits (warp0, warp1, x) and an RGB residual
+        for conv in (self.coarse_out, self.fine_out):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        with torch.no_grad():
+            self.fine_out.bias[2] = _X_BIAS
+
+    @staticmethod
+    def check(x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise BBFInputError(f"fusion: decoded frames have shape {tuple(x.shape)}; allowed is (N, 3, H, W)")
+        for name, t in (("frame0", frame0), ("frame1", frame1)):
+            if tuple(t.shape) != tuple(x.shape):
+                raise BBFInputError(f"fusion: {name} has shape {tuple(t.shape)}, the decoded frames {tuple(x.shape)}")
+        if tuple(tau.shape) != (x.shape[0],):
+            raise BBFInputError(f"fusion: tau has shape {tuple(tau.shape)}; allowed is ({x.shape[0]},), one time per frame")
+        if x.shape[-1] % 4 or x.shape[-2] % 4:
+            raise BBFInputError(f"fusion: frame size {tuple(x.shape[-2:])} must be a multiple of 4")
+
+    def flows(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
+        """(N, 4, H, W) full-resolution flows from x to frame0 (channels 0-1) and to frame1 (2-3), in pixels."""
+        n, _, h, w = x.shape
+        small = F.avg_pool2d(torch.cat((x, frame0, frame1), 1), 4)
+        t = tau.to(small.dtype).view(n, 1, 1, 1).expand(n, 1, h // 4, w // 4)
+        c = F.leaky_relu(self.coarse_in(torch.cat((small, t), 1)), 0.1)
+        for block in self.coarse:
+            c = block(c)
+        # 1/4-resolution pixels -> full-resolution pixels: values x4, bilinear upsampling
+        return F.interpolate(self.coarse_out(c) * 4.0, scale_factor=4, mode="bilinear", align_corners=False)
+
+    def forward(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
+        self.check(x, frame0, frame1, tau)
+        fl = self.flows(x, frame0, frame1, tau)
+        w0, w1 = warp(frame0, fl[:, :2]), warp(frame1, fl[:, 2:])
+        f = F.leaky_relu(self.fine_in(torch.cat((x, w0, w1, frame0, frame1), 1)), 0.1)
+        f = F.leaky_relu(self.fine_mid(f), 0.1)
+        o = self.fine_out(f)
+        a = torch.softmax(o[:, :3].float(), 1).to(x.dtype)
+        return a[:, :1] * w0 + a[:, 1:2] * w1 + a[:, 2:3] * x + o[:, 3:]

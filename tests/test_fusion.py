@@ -1,0 +1,156 @@
+"""The boundary-fusion head (bbf_rt.model.fusion): warping, its untrained identity, shape errors, its use by
+the VAE, the engine and the public API, and its training stage (tiny preset, CPU)."""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from bbf_rt.config import PRESETS, get_preset
+from bbf_rt.errors import BBFInputError
+from bbf_rt.model import BBFModel
+from bbf_rt.model.fusion import BoundaryFusion, warp
+
+
+def _frames(n=2, h=16, w=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(n, 3, h, w, generator=g) * 2 - 1 for _ in range(3)]
+
+
+def test_warp_zero_flow_is_identity_and_integer_flow_shifts():
+    x = _frames(1, 8, 12)[0]
+    assert torch.allclose(warp(x, torch.zeros(1, 2, 8, 12)), x, atol=1e-6)
+    flow = torch.zeros(1, 2, 8, 12)
+    flow[:, 0] = 2.0  # out[y, x] = in[y, x + 2]
+    flow[:, 1] = -1.0  # and one row up
+    out = warp(x, flow)
+    assert torch.allclose(out[..., 1:, :-2], x[..., :-1, 2:], atol=1e-5)
+
+
+def test_untrained_head_returns_the_decoded_frame_nearly():
+    torch.manual_seed(0)
+    head = BoundaryFusion(8, blocks=2, fine=8)
+    x, f0, f1 = _frames()
+    out = head(x, f0, f1, torch.tensor([0.25, 0.75]))
+    w = math.exp(4.0) / (math.exp(4.0) + 2)  # the x weight of softmax(0, 0, 4)
+    expect = w * x + (1 - w) / 2 * (f0 + f1)  # zero flows: the warps are the boundary frames
+    assert torch.allclose(out, expect, atol=1e-5)
+
+
+def test_head_rejects_bad_shapes_with_clear_errors():
+    head = BoundaryFusion(8, blocks=1, fine=8)
+    x, f0, f1 = _frames()
+    with pytest.raises(BBFInputError, match="frame1"):
+        head(x, f0, f1[:, :, :8], torch.tensor([0.5, 0.5]))
+    with pytest.raises(BBFInputError, match="tau"):
+        head(x, f0, f1, torch.tensor([0.5]))
+    a, b, c = _frames(1, 10, 12)
+    with pytest.raises(BBFInputError, match="multiple of 4"):
+        head(a, b, c, torch.tensor([0.5]))
+
+
+def test_head_learns_to_pick_the_right_boundary_by_time():
+    """A few steps teach the head what no decoder output says: tau near 0 looks like frame0."""
+    torch.manual_seed(0)
+    head = BoundaryFusion(8, blocks=1, fine=8)
+    x, f0, f1 = _frames(4, 16, 16, seed=3)
+    x = torch.zeros_like(x)  # a useless decoded frame
+    tau = torch.tensor([0.05, 0.1, 0.9, 0.95])
+    target = torch.where((tau < 0.5).view(4, 1, 1, 1), f0, f1)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    with torch.no_grad():
+        before = float((head(x, f0, f1, tau) - target).abs().mean())
+    for _ in range(60):
+        loss = (head(x, f0, f1, tau) - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.5 * before, (before, float(loss.detach()))
+
+
+@pytest.fixture
+def tiny_fusion(monkeypatch):
+    cfg = replace(get_preset("tiny"), name="tiny-fusion", vae_fusion=8)
+    monkeypatch.setitem(PRESETS, "tiny-fusion", cfg)
+    return cfg
+
+
+def test_vae_decode_uses_the_head_only_with_all_bounds(tiny_fusion):
+    torch.manual_seed(0)
+    vae = BBFModel(tiny_fusion).vae.eval()
+    z = torch.randn(2, vae.latent_channels, 2, 3)
+    H, W = 2 * vae.spatial_stride, 3 * vae.spatial_stride
+    f0, f1 = torch.ones(2, 3, H, W), -torch.ones(2, 3, H, W)
+    tau = torch.tensor([0.5, 0.5])
+    plain = vae.decode_frames(z)
+    fused = vae.decode_frames(z, f0, f1, tau)
+    assert plain.shape == fused.shape == (2, 3, H, W) and not torch.equal(plain, fused)
+    with pytest.raises(BBFInputError, match="together"):
+        vae.decode_frames(z, f0, None, tau)
+    between = vae.decode_between(z[None], f0[:1], f1[:1], tau[None])
+    assert torch.allclose(between[0], fused, atol=1e-6)
+    with pytest.raises(BBFInputError, match="taus"):
+        vae.decode_between(z[None], f0[:1], f1[:1], tau)
+
+
+def test_interpolate_with_a_fusion_head_feeds_it_the_boundary_frames(tiny_fusion, monkeypatch):
+    """Through the public API: with the head's flows frozen at zero and all weight on warp0, every output
+    frame is frame0 itself (cropped back from the padded size), whatever the DiT and decoder produce."""
+    from bbf_rt.runtime.api import interpolate
+
+    torch.manual_seed(0)
+    m = BBFModel(tiny_fusion).eval()
+    with torch.no_grad():
+        m.vae.fusion.fine_out.bias.copy_(torch.tensor([30.0, 0, 0, 0, 0, 0]))
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)  # not a multiple of the stride: padded inside
+    b = rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)
+    out = interpolate(a, b, [0.25, 0.5], model=m, device="cpu")
+    assert out.shape == (2, 20, 28, 3)
+    assert np.abs(out.astype(int) - a[None].astype(int)).max() <= 1
+
+
+def test_fusion_stage_trains_only_the_head_from_a_checkpoint_without_one(tiny_fusion, tmp_path):
+    from bbf_rt.model.checkpoint import save_checkpoint
+    from bbf_rt.train.loop import TrainConfig, make_trainer, train, weights_to_checkpoint
+    from bbf_rt.model import load_model
+
+    pytest.importorskip("skimage", reason="the training data needs scikit-image (pip install 'bbf-rt[train]')")
+    torch.manual_seed(0)
+    plain = BBFModel(replace(tiny_fusion, vae_fusion=None))  # as the checkpoint shipped before the head
+    ck = save_checkpoint(plain, tmp_path / "plain.safetensors", trained=True, info={"stage": "2", "global_step": 7})
+    cfg = TrainConfig(preset="tiny-fusion", height=32, width=32, batch=4, device="cpu")
+    tr = make_trainer(cfg, "fusion", resume=ck)
+    assert tr.global_step == 7
+    before = {n: p.detach().clone() for n, p in tr.model.named_parameters()}
+    for g in tr.opt.param_groups:
+        g["base_lr"] = 3e-3
+    r = train("fusion", 1.0, tmp_path / "run", trainer=tr, max_steps=3, export=tmp_path / "w")
+    assert r["steps"] == 3 and math.isfinite(r["loss"]) and r["l1"] >= 0
+    moved = {n for n, p in tr.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all(n.startswith("vae.fusion.") for n in moved), sorted(moved)[:5]
+    m = load_model(weights_to_checkpoint(tmp_path / "w", tmp_path / "f.safetensors"))
+    assert m.vae.fusion is not None and m.cfg.vae_fusion == 8
+    assert torch.equal(m.dit.blocks[0].self_attn.qkv.weight.float(), plain.dit.blocks[0].self_attn.qkv.weight.bfloat16().float())
+
+
+def test_bbf_s_with_its_head_stays_within_the_size_target():
+    with torch.device("meta"):
+        m = BBFModel(get_preset("bbf-s"))
+    head = sum(p.numel() for p in m.vae.fusion.parameters())
+    total = sum(p.numel() for p in m.parameters())
+    assert head < 0.5e6 and total <= 40e6, (head, total)
+
+
+def test_warp_in_bf16_samples_at_fp32_coordinates_at_720p_width():
+    """bf16 grid coordinates would land pixels off at 1280 wide; the warp samples in fp32 and rounds once."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 4, 1280, generator=g)
+    flow = torch.full((1, 2, 4, 1280), 0.5)
+    ref = warp(x, flow)
+    out = warp(x.bfloat16(), flow.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() <= 2 ** -7  # one bf16 rounding of values in [0, 1], no misplacement
