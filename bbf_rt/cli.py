@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     ip.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
     ip.add_argument("--seed", type=int, default=0)
     ip.add_argument("--disable-cuda-graphs", action="store_true", help="run each step eagerly instead of replaying a CUDA graph")
+    ip.add_argument("--no-fusion", action="store_true",
+                    help="decode with the plain VAE decoder, not the boundary-fusion head (less work per frame, blurrier)")
     ip.add_argument("--step-cache", type=_float_arg, default=0.0, metavar="T",
                     help="skip a step whose DiT input changed less than T (accumulated relative L1) since the last computed one; 0 = off")
     ip.add_argument("--fp8", action="store_true", help="FP8 (e4m3) block linear layers (eager/compile backends; GPU with compute capability >= 8.9)")
@@ -108,7 +110,7 @@ def _cmd_interpolate(a: argparse.Namespace) -> int:
     rt = RuntimeConfig(
         steps=a.steps, solver=a.solver, shift=a.shift, text_scale=a.text_scale, audio_scale=a.audio_scale,
         context_frames=a.context, seed=a.seed, batch=a.batch, scene_cut_threshold=a.scene_threshold, dtype=a.dtype,
-        cuda_graphs=not a.disable_cuda_graphs, step_cache=a.step_cache,
+        cuda_graphs=not a.disable_cuda_graphs, step_cache=a.step_cache, fusion=not a.no_fusion,
         fp8_linear=a.fp8, attention=a.attention,
     )
     job = dict(

@@ -162,6 +162,9 @@ class RuntimeConfig:
     cuda_graphs: bool = True  # replay each denoising step as a CUDA graph (CUDA only)
     pinned_transfers: bool = True  # uint8 frames cross host<->GPU through reused page-locked buffers (CUDA only)
     vae_channels_last: bool = True  # the VAE's convolutions and GroupNorms in NHWC, no transposes (CUDA only)
+    # decode through the VAE's boundary-fusion head when it has one (bbf_rt.model.fusion); False = the plain
+    # decoder: less work per frame, blurrier frames
+    fusion: bool = True
     # step caching (TeaCache-style, bbf_rt.runtime.stepcache): accumulated relative L1 change of the first
     # block's modulated input below which a step reuses the last velocity; 0 = off
     step_cache: float = 0.0

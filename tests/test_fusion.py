@@ -111,6 +111,8 @@ def test_interpolate_with_a_fusion_head_feeds_it_the_boundary_frames(tiny_fusion
     out = interpolate(a, b, [0.25, 0.5], model=m, device="cpu")
     assert out.shape == (2, 20, 28, 3)
     assert np.abs(out.astype(int) - a[None].astype(int)).max() <= 1
+    plain = interpolate(a, b, [0.25, 0.5], model=m, device="cpu", fusion=False)  # the decoder's own frames
+    assert np.abs(plain.astype(int) - a[None].astype(int)).mean() > 20
 
 
 def test_fusion_stage_trains_only_the_head_from_a_checkpoint_without_one(tiny_fusion, tmp_path):
@@ -154,3 +156,44 @@ def test_warp_in_bf16_samples_at_fp32_coordinates_at_720p_width():
     out = warp(x.bfloat16(), flow.bfloat16())
     assert out.dtype == torch.bfloat16
     assert (out.float() - ref).abs().max() <= 2 ** -7  # one bf16 rounding of values in [0, 1], no misplacement
+
+
+def test_video_job_and_player_give_each_interval_its_own_boundary_frames(tmp_path, monkeypatch):
+    """A head that returns warp0 (zero flows, all weight on frame0) makes every in-between frame the
+    interval's first frame: the batched video job (--batch 3) and the player pair each latent with the
+    right boundary frames, in order."""
+    from fractions import Fraction
+
+    from media import make_clip
+
+    import bbf_rt.runtime.video as video
+    from bbf_rt.cli import main
+    from bbf_rt.io.video import iter_frames
+    from bbf_rt.model.checkpoint import save_checkpoint
+    from bbf_rt.runtime.player import Player
+
+    torch.manual_seed(0)
+    m = BBFModel(replace(get_preset("tiny"), name="tiny-fusion", vae_fusion=8))
+    with torch.no_grad():
+        m.vae.fusion.fine_out.bias.copy_(torch.tensor([30.0, 0, 0, 0, 0, 0]))
+    ck = str(save_checkpoint(m, tmp_path / "f.safetensors", trained=False))
+    make_clip(tmp_path / "c.mp4", n_frames=6, size=(64, 48), fps=Fraction(24), audio=False)
+    src = [f for _, f in iter_frames(tmp_path / "c.mp4")]
+    got: list[np.ndarray] = []
+
+    class Capture:
+        def __init__(self, *a, **k) -> None: ...
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+        def write(self, frame): got.append(np.array(frame))
+
+    monkeypatch.setattr(video, "VideoWriter", Capture)
+    argv = [str(tmp_path / "c.mp4"), "-o", str(tmp_path / "o.mp4"), "--model", ck, "--allow-untrained", "--no-progress"]
+    assert main(["interpolate", *argv, "--factor", "2", "--batch", "3", "--context", "0"]) == 0
+    assert len(got) == 2 * len(src)
+    for i in range(len(src) - 1):
+        assert np.array_equal(got[2 * i], src[i])
+        assert np.abs(got[2 * i + 1].astype(int) - src[i].astype(int)).max() <= 1, i
+    player = Player(ck, 2, allow_untrained=True)
+    out = [f for s in src for f in player.push(s)] + player.flush()
+    assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(out, got))

@@ -125,6 +125,7 @@ def interpolate(
     text_scale: float = 1.0,
     audio_scale: float = 1.0,
     seed: int = 0,
+    fusion: bool = True,
     device: str | None = None,
 ) -> np.ndarray:
     """Frames between `frame0` and `frame1` at `timestamps` (fractions of the interval, in (0, 1)).
@@ -133,7 +134,8 @@ def interpolate(
     audio: mono float samples at `sample_rate` spanning exactly frame0 -> frame1 (each target frame
     hears the window centred on its time). reference: an (H', W', 3) uint8 image. context: neighbouring
     frames as (frame, tau) pairs, tau < 0 before frame0 and > 1 after frame1 (e.g. -1.0, 2.0).
-    Returns (len(timestamps), H, W, 3) uint8.
+    fusion: rebuild the frames from the boundary pixels when the model's VAE has a fusion head
+    (RuntimeConfig.fusion). Returns (len(timestamps), H, W, 3) uint8.
     """
     a0, a1 = check_frame("frame0", frame0), check_frame("frame1", frame1)
     if a0.shape != a1.shape:
@@ -142,7 +144,8 @@ def interpolate(
     dev = resolve_device(device)
     dt = resolve_dtype("auto", dev)
     m = get_model(model, dev, dt)
-    rt = RuntimeConfig(steps=steps, solver=solver, shift=shift, text_scale=text_scale, audio_scale=audio_scale, seed=seed)
+    rt = RuntimeConfig(steps=steps, solver=solver, shift=shift, text_scale=text_scale, audio_scale=audio_scale, seed=seed,
+                       fusion=fusion)
     eng = Engine(m, rt, dev, dt)
     H, W = a0.shape[:2]
     pix = eng.to_pixels(np.stack([a0, a1]))

@@ -176,8 +176,9 @@ class Engine:
 
     @property
     def fuses(self) -> bool:
-        """True when the VAE rebuilds decoded frames from the boundary frames (a fusion head)."""
-        return getattr(self.vae, "fusion", None) is not None
+        """True when decoded frames are rebuilt from the boundary frames: the VAE has a fusion head and
+        RuntimeConfig.fusion is on."""
+        return self.rt.fusion and getattr(self.vae, "fusion", None) is not None
 
     def _padded(self, pixels: torch.Tensor) -> torch.Tensor:
         H, W = pixels.shape[-2:]
