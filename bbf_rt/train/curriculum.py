@@ -62,9 +62,10 @@ STAGES: dict[str, Stage] = {
     # space the DiT was trained in (any time after stage 1)
     "decoder": Stage(name="decoder", trains="decoder", lr=2e-4, warmup=100),
     # the boundary-fusion head alone (bbf_rt.model.fusion), everything else frozen: frames rebuilt from the
-    # boundary pixels; moderate motion bias (lam 0.5), difference-weighted loss as stage 2 but milder
+    # boundary pixels; moderate motion bias (lam 0.5), difference-weighted loss as stage 2 but milder; one
+    # in-between frame per clip: the head's cost is per frame, so more distinct scenes per step for the same work
     "fusion": Stage(name="fusion", trains="fusion", lr=3e-4, warmup=100, lam_start=0.5, lam_end=0.5, alpha=0.5,
-                    pool=2),
+                    pool=2, n_targets=(1,)),
 }
 
 

@@ -9,8 +9,8 @@ VAE loss: |x_hat - x|_1 + edge_weight * |grad x_hat - grad x|_1 (finite differen
 net) + 1e-5 * mean z^2; then the latent shift/scale buffers are set from data (per-channel mean, 1/std).
 Fusion loss (stage `fusion`, the boundary-fusion head alone): the same L1 + edge terms on the fused
 in-between frames, per sample weighted by the curriculum's w_i; the head sees what it will see at run
-time, the decoded output of the 2-step sampler, for a fraction `fusion_sampled` of the samples, and the
-decoded latents of the true targets for the rest.
+time, the decoded output of the 2-step sampler (for a fraction `fusion_sampled` of the samples, default
+all; the rest decode the true targets' latents).
 
 Every random draw is a pure function of (seed, stage, step): batches come from the generators by
 index, noise/sigma/dropout from generators seeded by the global step. A saved state (model, EMA,
@@ -74,7 +74,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     fps: float = 25.0
-    fusion_sampled: float = 0.75  # stage fusion: share of samples decoded from the 2-step sampler's latents
+    fusion_sampled: float = 1.0  # stage fusion: share of samples decoded from the 2-step sampler's latents
     fusion_steps: int = 2  # the sampler steps of those latents (RuntimeConfig.steps at run time)
 
 
@@ -214,15 +214,16 @@ class Trainer:
             raise BBFInputError(f"stage fusion: preset {self.cfg.preset!r} has no fusion head (ModelConfig.vae_fusion)")
         f0, f1, y = batch["frame0"] * 2 - 1, batch["frame1"] * 2 - 1, batch["targets"] * 2 - 1
         with torch.no_grad():
-            lat = vae.encode(torch.cat([f0[:, None], f1[:, None], y], 1)).float()
-            z0, z1, x0 = lat[:, 0], lat[:, 1], lat[:, 2:]
-            valid = torch.ones(B, 1, *z0.shape[-2:], device=self.device)
-            noise = torch.randn(x0.shape, generator=gen, device=self.device)
-            den = lambda x, sig: dit(x, sig, batch["taus"], z0, z1, valid, batch["diff"]).float()  # noqa: E731
-            zs = sampler.sample(den, noise, sampler.make_sigmas(self.cfg.fusion_steps), solver="euler")
             use = torch.rand(B, generator=gen, device=self.device) < self.cfg.fusion_sampled
-            z = torch.where(use.view(B, 1, 1, 1, 1), zs, x0).flatten(0, 1)
-            x = vae.decoder(vae.denormalize(z))
+            bounds = vae.encode(torch.stack([f0, f1], 1)).float()
+            z0, z1 = bounds[:, 0], bounds[:, 1]
+            valid = torch.ones(B, 1, *z0.shape[-2:], device=self.device)
+            noise = torch.randn((B, Fr, *z0.shape[1:]), generator=gen, device=self.device)
+            den = lambda x, sig: dit(x, sig, batch["taus"], z0, z1, valid, batch["diff"]).float()  # noqa: E731
+            z = sampler.sample(den, noise, sampler.make_sigmas(self.cfg.fusion_steps), solver="euler")
+            if not bool(use.all()):  # the targets are encoded only for the samples that need them (CPU time)
+                z[~use] = vae.encode(y[~use]).float()
+            x = vae.decoder(vae.denormalize(z.flatten(0, 1)))
         rep = lambda t: t[:, None].expand(B, Fr, *t.shape[1:]).flatten(0, 1)  # noqa: E731
         out = vae.fusion(x, rep(f0), rep(f1), batch["taus"].flatten().float()).float()
         t = y.flatten(0, 1)
