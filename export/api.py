@@ -183,7 +183,8 @@ def _export_tensorrt(dit, ecfg: ExportConfig, store: ArtifactCache, dev: torch.d
 
 def export_vae(model, part: str, ecfg: ExportConfig, *, cache: ArtifactCache | str | Path | None = None, device=None) -> Artifact:
     """ONNX graph of the VAE encoder (frames -> latents) or decoder (latents -> frames), with dynamic
-    batch, height and width (`ecfg.shapes` batch/height/width, pixels). Only the onnx target."""
+    batch, height and width (`ecfg.shapes` batch/height/width, pixels). Only the onnx target. A decoder
+    with a boundary-fusion head takes (latents, frame0, frame1, tau), as VAE.decode_frames."""
     if part not in VAE_PARTS:
         raise BBFInputError(f"VAE part {part!r} is not one of {VAE_PARTS}")
     if ecfg.target != "onnx":
@@ -224,8 +225,17 @@ def export_vae(model, part: str, ecfg: ExportConfig, *, cache: ArtifactCache | s
             x = torch.randn(2, vae.latent_channels, eh, ew, device=dev, dtype=dt)
             dyn = ({0: n, 2: hk, 3: wk},)
             axes = {"latents": {0: "batch", 2: "h", 3: "w"}, out: {0: "batch", 2: "height", 3: "width"}}
-        facts = _onnx().export_module(module, (x,), path, input_names=names, output_names=[out], dynamic_shapes=dyn,
-                                      fallback=lambda: ((x,), axes, {}), opset=ecfg.opset)
+        args = (x,)
+        if part == "vae_decoder" and getattr(vae, "fusion", None) is not None:
+            # the boundary-fusion head: the graph also takes both boundary frames and each frame's time
+            frame = torch.rand(2, 3, eh * s, ew * s, device=dev, dtype=dt) * 2 - 1
+            args = (x, frame, -frame, torch.tensor([0.25, 0.75], device=dev))
+            names = names + ["frame0", "frame1", "tau"]
+            dyn = dyn + ({0: n, 2: s * hk, 3: s * wk},) * 2 + ({0: n},)
+            axes = axes | {"frame0": {0: "batch", 2: "height", 3: "width"},
+                           "frame1": {0: "batch", 2: "height", 3: "width"}, "tau": {0: "batch"}}
+        facts = _onnx().export_module(module, args, path, input_names=names, output_names=[out], dynamic_shapes=dyn,
+                                      fallback=lambda: (args, axes, {}), opset=ecfg.opset)
         return {"part": part, "precision": ecfg.precision, "target": "onnx"} | facts
 
     return _cache(cache).get_or_build(key, ".onnx", build)

@@ -100,14 +100,18 @@ class VAEEncoder(nn.Module):
 
 
 class VAEDecoder(nn.Module):
-    """(N, C, h, w) normalised latents -> (N, 3, h*s, w*s) frames, nominally [-1, 1], not clamped."""
+    """(N, C, h, w) normalised latents -> (N, 3, h*s, w*s) frames, nominally [-1, 1], not clamped.
+
+    A VAE with a boundary-fusion head also takes frame0, frame1 (N, 3, h*s, w*s) in [-1, 1] and tau (N,)
+    fp32, the inputs of bbf_rt.model.fusion, so the graph holds the head too."""
 
     def __init__(self, vae: nn.Module) -> None:
         super().__init__()
         self.vae = vae
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode_frames(latents)
+    def forward(self, latents: torch.Tensor, frame0: torch.Tensor | None = None, frame1: torch.Tensor | None = None,
+                tau: torch.Tensor | None = None) -> torch.Tensor:
+        return self.vae.decode_frames(latents, frame0, frame1, tau)
 
 
 @dataclass(frozen=True)

@@ -197,3 +197,32 @@ def test_video_job_and_player_give_each_interval_its_own_boundary_frames(tmp_pat
     player = Player(ck, 2, allow_untrained=True)
     out = [f for s in src for f in player.push(s)] + player.flush()
     assert all(np.abs(a.astype(int) - b.astype(int)).max() <= 1 for a, b in zip(out, got))
+
+
+def test_onnx_vae_decoder_holds_the_fusion_head(tmp_path):
+    """The exported decoder takes (latents, frame0, frame1, tau) and matches eager decode_frames at two
+    sizes and batches (ONNX Runtime, CPU), the head trained away from its identity start."""
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime")
+    from bbf_rt.export.api import export_vae, load_artifact
+    from bbf_rt.config import ExportConfig
+
+    torch.manual_seed(0)
+    m = BBFModel(replace(get_preset("tiny"), name="tiny-fusion", vae_fusion=8)).eval()
+    with torch.no_grad():  # non-zero flows and mixing, as after training
+        for p in m.vae.fusion.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    art = export_vae(m, "vae_decoder", ExportConfig(target="onnx"), cache=tmp_path)
+    assert art.manifest["build"]["exporter"] == "dynamo" and not art.manifest["build"]["static_dims"]
+    dec = load_artifact(art)
+    s = m.vae.spatial_stride
+    for n, h, w in ((2, 6, 10), (3, 12, 4)):
+        z = torch.randn(n, m.vae.latent_channels, h, w)
+        f0, f1 = (torch.rand(n, 3, h * s, w * s) * 2 - 1 for _ in range(2))
+        tau = torch.rand(n)
+        with torch.no_grad():
+            ref = m.vae.decode_frames(z, f0, f1, tau)
+            plain = m.vae.decode_frames(z)
+        out = dec(z, f0, f1, tau)
+        assert out.shape == ref.shape
+        assert (out - ref).abs().max() < 1e-3 * ref.abs().max(), (n, h, w)
+        assert (plain - ref).abs().max() > 0.05  # the head changed the frames: the test sees it

@@ -41,17 +41,20 @@ class _DilatedBlock(nn.Module):
 
 
 def warp(frame: Tensor, flow: Tensor) -> Tensor:
-    """Backward warp: out[p] = frame[p + flow[p]], flow (N, 2, H, W) in pixels (x, y); borders repeat.
+    """Backward warp: out[p] = frame[p + flow[p]], flow (N, 2, H, W) in pixels (x, y); borders repeat;
+    H, W >= 2.
 
     Sampled in fp32 whatever the inputs' dtype: bf16 sampling coordinates would be off by several
-    pixels at 720p (8 mantissa bits over [-1, 1]). Returns frame's dtype."""
+    pixels at 720p (8 mantissa bits over [-1, 1]). Returns frame's dtype. Written with symbolic sizes
+    in mind (no Python-side float of H or W), so torch.export keeps H and W dynamic."""
     n, _, h, w = frame.shape
-    ys = torch.linspace(-1.0, 1.0, h, device=frame.device)
-    xs = torch.linspace(-1.0, 1.0, w, device=frame.device)
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=frame.device)
-    grid = torch.stack((gx, gy), -1)[None] + flow.float().permute(0, 2, 3, 1) * scale
-    out = F.grid_sample(frame.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+    fl = flow.float()
+    xs = torch.arange(w, device=frame.device, dtype=torch.float32).view(1, 1, w)
+    ys = torch.arange(h, device=frame.device, dtype=torch.float32).view(1, h, 1)
+    gx = (xs + fl[:, 0]) * (2.0 / (w - 1)) - 1.0  # align_corners=True: pixel 0 -> -1, pixel w-1 -> +1
+    gy = (ys + fl[:, 1]) * (2.0 / (h - 1)) - 1.0
+    out = F.grid_sample(frame.float(), torch.stack((gx, gy), -1), mode="bilinear", padding_mode="border",
+                        align_corners=True)
     return out.to(frame.dtype)
 
 
