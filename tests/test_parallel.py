@@ -44,11 +44,22 @@ def _dit(cfg):
     return trained_gates(build_dit(cfg).eval())
 
 
-def _model():
+def _model(fusion=None):
     torch.manual_seed(0)
-    m = BBFModel(TINY).eval()
+    m = BBFModel(replace(TINY, vae_fusion=fusion)).eval()
     trained_gates(m.dit)
+    if fusion:
+        with torch.no_grad():  # a head away from its identity start, as after training
+            for p in m.vae.fusion.parameters():
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     return m
+
+
+def _bounds(n=3):
+    g = torch.Generator().manual_seed(4)
+    s = TINY.vae_stride
+    return (torch.rand(n, 3, 10 * s, 14 * s, generator=g) * 2 - 1, torch.rand(n, 3, 10 * s, 14 * s, generator=g) * 2 - 1,
+            torch.rand(n, generator=g))
 
 
 def _dit_inputs(cfg, h, w, B=2, Fr=3):
@@ -131,6 +142,9 @@ def _scenario_two(rank, world):
     res["cfg_sample"] = torch.stack(eng.run(jobs, cond, *HW))
     res["vae_float"] = model.vae.decode_frames(_latents())
     res["vae_uint8"] = torch.from_numpy(eng.decode(_latents(), *HW))
+    fused = _model(fusion=8)
+    parallelize(fused, parallel.make_mesh(2, 1))
+    res["vae_fused"] = fused.vae.decode_frames(_latents(), *_bounds())
     try:
         model.dit(x, sigma, **dict(kw, text=kw["text"][:1]))
     except BBFInputError as e:
@@ -283,6 +297,10 @@ def test_vae_decode_split_by_frames_equals_whole_decode(two, four):
     want_u8 = torch.from_numpy(_engine(model).decode(_latents(), *HW))
     for res in two + four:
         _close(res["vae_float"], want)
+    fused = _model(fusion=8).vae.decode_frames(_latents(), *_bounds())
+    assert (fused - want).abs().max() > 0.05  # the head changes the frames
+    for res in two:  # decoder and fusion head each split by frames: 3 frames over 2 ranks
+        _close(res["vae_fused"], fused)
     for res in two:
         assert res["vae_uint8"].shape == want_u8.shape
         assert (res["vae_uint8"].int() - want_u8.int()).abs().max() <= 1  # rounding of fp32 ulps at most

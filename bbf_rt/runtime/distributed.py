@@ -141,6 +141,8 @@ def parallelize(model: BBFModel, mesh: parallel.Mesh) -> Parallelized:
     if mesh.world > 1 and model.vae is not None:
         if isinstance(model.vae, CompactVAE):  # frame-wise: each frame decodes on its own
             p.handles += parallel.BatchSplit(None).attach(model.vae.decoder)
+            if getattr(model.vae, "fusion", None) is not None:  # the boundary-fusion head is frame-wise too
+                p.handles += parallel.BatchSplit(None).attach(model.vae.fusion)
         else:
             log.warning("VAE %s is not frame-wise; its decode runs whole on every rank", type(model.vae).__name__)
     return p
