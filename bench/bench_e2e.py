@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--player-size", type=_size, default=(1280, 720), help="WxH")
     p.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4])
     p.add_argument("--player-steps", type=int, default=2)
+    p.add_argument("--no-fusion", action="store_true", help="player: decode with the plain VAE decoder, not the fusion head")
     p.add_argument("--cache-steps", type=int, default=20, help="steps of the player's step-cache rung and its baseline")
     p.add_argument("--wan-preset", default="wan-1.3b")
     p.add_argument("--wan-latent", type=_size, default=(21, 60, 104), help="FxHxW latent (480p x 81 frames: 21x60x104)")

@@ -36,7 +36,8 @@ class PlayerCase:
     def base(self, batch: int, steps: int) -> dict:
         m, s = self.cfg.pixel_multiple, self.cfg.vae_stride
         h, w = -(-self.H // m) * m // s, -(-self.W // m) * m // s  # latent size of the padded frames
-        return {"name": "e2e", "scenario": "player", "preset": self.cfg.name, "weights": self.weights,
+        fusion = self.cfg.vae_fusion is not None and not self.a.no_fusion  # the boundary-fusion head decodes
+        return {"name": "e2e", "scenario": "player", "preset": self.cfg.name, "weights": self.weights, "fusion": fusion,
                 "shape": {"batch": batch, "size": [self.W, self.H], "steps": steps, "factor": 2, "latent_hw": [h, w],
                           "tokens": (h // 2) * (w // 2)}}
 
@@ -49,7 +50,8 @@ class PlayerCase:
             m, quant = self.models["fp8"], {"fp8_linear": True, "attention": self.a.fp8_attention}
         if denoiser is None and r.graphs:
             denoiser = CUDAGraphDenoiser(m.dit)
-        rt = RuntimeConfig(steps=steps, step_cache=threshold if r.cache else 0.0, cuda_graphs=r.graphs, **quant)
+        rt = RuntimeConfig(steps=steps, step_cache=threshold if r.cache else 0.0, cuda_graphs=r.graphs,
+                           fusion=not self.a.no_fusion, **quant)
         return Engine(m, rt, self.dev, r.dtype, denoiser=denoiser)
 
     def _clip_fns(self, eng: Engine, batch: int):
@@ -155,7 +157,8 @@ class PlayerCase:
         from bbf_rt.runtime.player import Player
 
         a, dev = self.a, self.dev
-        rt = RuntimeConfig(steps=a.player_steps, context_frames=1, dtype="bf16", cuda_graphs=dev.type == "cuda")
+        rt = RuntimeConfig(steps=a.player_steps, context_frames=1, dtype="bf16", cuda_graphs=dev.type == "cuda",
+                           fusion=not a.no_fusion)
         player = Player(self.models[torch.bfloat16], 2, runtime=rt, device=str(dev), allow_untrained=True)
         frames = panning_frames(a.warmup + a.reps + 2, self.H, self.W, seed=1)
         peak_reset(dev)
