@@ -176,10 +176,10 @@ def test_cli_info_lists_every_preset_with_its_size(capsys):
 
 
 def test_embedded_default_model_interpolates_held_out_motion():
-    """The shipped bbf-s: trained, within the size budget, and through the public API its in-between
-    frames of held-out procedural clips are far closer to the truth than repeating a boundary frame.
-    (It is not yet better than linear blending on small motion, where its VAE's reconstruction error of
-    ~28 dB dominates; docs/training.md has the full evaluation.)"""
+    """The shipped bbf-s: trained, within the size budget, with its boundary-fusion head, and through the
+    public API its in-between frames of held-out procedural clips are far closer to the truth than
+    repeating a boundary frame (docs/training.md has the full evaluation: +1.1 dB over linear blending
+    on 31 held-out clips, though blending still wins on near-static ones)."""
     pytest.importorskip("skimage", reason="the held-out clips need scikit-image (pip install 'bbf-rt[train]')")
     from bbf_rt.model import load_model
     from bbf_rt.runtime.api import default_model_path
@@ -188,7 +188,7 @@ def test_embedded_default_model_interpolates_held_out_motion():
     path = default_model_path()
     assert path.stat().st_size < 40 * 2**20
     model = load_model(path)
-    assert model.trained and model.cfg.name == "bbf-s"
+    assert model.trained and model.cfg.name == "bbf-s" and model.vae.fusion is not None
     assert sum(p.numel() for p in model.parameters()) <= 40e6
     b = next(iter(heldout_batches(128, 128, batches=1, size=6)))
     u8 = lambda t: (t.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()  # noqa: E731
@@ -209,7 +209,9 @@ def test_embedded_default_model_interpolates_held_out_motion():
         got["copy"].append(psnr(np.stack([f0] * len(taus)), gt))
     m = {k: float(np.mean(v)) for k, v in got.items()}
     assert len(got["copy"]) >= 4
-    assert m["bbf-s"] > m["copy"] + 2.0, m
+    # 5.4 dB over copying here (the checkpoint before the fusion head: 4.2); blending still wins on this
+    # batch's near-static clips (30.4 dB mean), which the held-out mean over 31 clips outweighs
+    assert m["bbf-s"] > m["copy"] + 4.8, m
 
 
 def test_vae_layout_is_never_switched_under_another_engine():
