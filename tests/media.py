@@ -134,3 +134,20 @@ def make_clip(
                 samples = np.round(samples * 32767) / 32768
                 samples = samples.astype(np.float32)
     return frames, samples
+
+
+def capture_video_writes(monkeypatch) -> list[np.ndarray]:
+    """Replace the video job's encoder (bbf_rt.runtime.video.VideoWriter) with one that keeps every frame
+    it is handed (before libx264's loss); returns the list they are appended to."""
+    import bbf_rt.runtime.video as video
+
+    got: list[np.ndarray] = []
+
+    class Capture:
+        def __init__(self, *a, **k) -> None: ...
+        def __enter__(self): return self
+        def __exit__(self, *a): return False
+        def write(self, frame): got.append(np.array(frame))
+
+    monkeypatch.setattr(video, "VideoWriter", Capture)
+    return got

@@ -164,9 +164,8 @@ def test_video_job_and_player_give_each_interval_its_own_boundary_frames(tmp_pat
     right boundary frames, in order."""
     from fractions import Fraction
 
-    from media import make_clip
+    from media import capture_video_writes, make_clip
 
-    import bbf_rt.runtime.video as video
     from bbf_rt.cli import main
     from bbf_rt.io.video import iter_frames
     from bbf_rt.model.checkpoint import save_checkpoint
@@ -179,15 +178,7 @@ def test_video_job_and_player_give_each_interval_its_own_boundary_frames(tmp_pat
     ck = str(save_checkpoint(m, tmp_path / "f.safetensors", trained=False))
     make_clip(tmp_path / "c.mp4", n_frames=6, size=(64, 48), fps=Fraction(24), audio=False)
     src = [f for _, f in iter_frames(tmp_path / "c.mp4")]
-    got: list[np.ndarray] = []
-
-    class Capture:
-        def __init__(self, *a, **k) -> None: ...
-        def __enter__(self): return self
-        def __exit__(self, *a): return False
-        def write(self, frame): got.append(np.array(frame))
-
-    monkeypatch.setattr(video, "VideoWriter", Capture)
+    got = capture_video_writes(monkeypatch)
     argv = [str(tmp_path / "c.mp4"), "-o", str(tmp_path / "o.mp4"), "--model", ck, "--allow-untrained", "--no-progress"]
     assert main(["interpolate", *argv, "--factor", "2", "--batch", "3", "--context", "0"]) == 0
     assert len(got) == 2 * len(src)

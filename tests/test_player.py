@@ -6,9 +6,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from media import make_clip
+from media import capture_video_writes, make_clip
 
-import bbf_rt.runtime.video as video
 from bbf_rt.cli import main
 from bbf_rt.config import RuntimeConfig
 from bbf_rt.errors import BBFInputError
@@ -42,15 +41,7 @@ def _play(player: Player, frames) -> tuple[list[np.ndarray], list[int]]:
 
 def _video_frames(monkeypatch, clip_path, ckpt, tmp_path, *args) -> list[np.ndarray]:
     """The video job's output frames as handed to the encoder (before libx264's loss)."""
-    got: list[np.ndarray] = []
-
-    class Capture:
-        def __init__(self, *a, **k) -> None: ...
-        def __enter__(self): return self
-        def __exit__(self, *a): return False
-        def write(self, frame): got.append(np.array(frame))
-
-    monkeypatch.setattr(video, "VideoWriter", Capture)
+    got = capture_video_writes(monkeypatch)
     argv = ["interpolate", clip_path, "-o", str(tmp_path / "o.mp4"), "--model", ckpt, "--allow-untrained", "--no-progress"]
     assert main(argv + list(map(str, args))) == 0
     return got
