@@ -24,6 +24,7 @@ __all__ = [
     "VideoVAE",
     "CompactVAE",
     "frames_to_uint8",
+    "per_frame",
     "uint8_to_frames",
 ]
 
@@ -349,9 +350,13 @@ class CompactVAE(VideoVAE):
             return self.decode(latents)
         if tuple(taus.shape) != (b, f):
             raise BBFInputError(f"taus has shape {tuple(taus.shape)}; allowed is ({b}, {f}), one time per latent")
-        rep = lambda t: t[:, None].expand(b, f, *t.shape[1:]).flatten(0, 1)  # noqa: E731
-        x = self.decode_frames(latents.flatten(0, 1), rep(frame0), rep(frame1), taus.flatten().float())
+        x = self.decode_frames(latents.flatten(0, 1), per_frame(frame0, f), per_frame(frame1, f), taus.flatten().float())
         return x.unflatten(0, (b, f))
+
+
+def per_frame(t: Tensor, f: int) -> Tensor:
+    """(B, ...) -> (B*f, ...): each interval's tensor (e.g. a boundary frame) once per in-between frame."""
+    return t[:, None].expand(t.shape[0], f, *t.shape[1:]).flatten(0, 1)
 
 
 def frames_to_uint8(frames: Tensor) -> Tensor:

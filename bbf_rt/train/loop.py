@@ -36,6 +36,7 @@ from bbf_rt import ops
 from bbf_rt.config import ModelConfig, get_preset
 from bbf_rt.errors import BBFError, BBFInputError, CheckpointError
 from bbf_rt.model import BBFModel, save_checkpoint
+from bbf_rt.model.vae import per_frame
 from bbf_rt.runtime.engine import resolve_device
 from bbf_rt.train import curriculum
 from bbf_rt.train.ambiguity import all_captions, make_suite
@@ -80,6 +81,16 @@ class TrainConfig:
 
 def _is_branch(name: str) -> bool:
     return ".branches." in name or name.startswith("dit.embed.") or name == "dit.audio_pos"
+
+
+def _l1_edge(out: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame reconstruction terms of (N, 3, H, W) frames: mean |out - target| and the summed mean
+    |d/dx| and |d/dy| differences of their finite-difference gradients, each (N,)."""
+    dims = (1, 2, 3)
+    l1 = (out - target).abs().mean(dims)
+    edge = ((out.diff(dim=-1) - target.diff(dim=-1)).abs().mean(dims)
+            + (out.diff(dim=-2) - target.diff(dim=-2)).abs().mean(dims))
+    return l1, edge
 
 
 def _is_fusion(name: str) -> bool:
@@ -200,8 +211,7 @@ class Trainer:
         with torch.no_grad() if self.stage.trains == "decoder" else contextlib.nullcontext():
             z = vae.encoder(x)
         xr = vae.decoder(z).float()
-        l1 = (xr - x).abs().mean()
-        edge = ((xr.diff(dim=-1) - x.diff(dim=-1)).abs().mean() + (xr.diff(dim=-2) - x.diff(dim=-2)).abs().mean())
+        l1, edge = (v.mean() for v in _l1_edge(xr, x))
         loss = l1 + self.cfg.vae_edge_weight * edge + 1e-5 * z.float().pow(2).mean()
         return loss, {"l1": l1.detach(), "edge": edge.detach()}
 
@@ -224,15 +234,13 @@ class Trainer:
             if not bool(use.all()):  # the targets are encoded only for the samples that need them (CPU time)
                 z[~use] = vae.encode(y[~use]).float()
             x = vae.decoder(vae.denormalize(z.flatten(0, 1)))
-        rep = lambda t: t[:, None].expand(B, Fr, *t.shape[1:]).flatten(0, 1)  # noqa: E731
-        out = vae.fusion(x, rep(f0), rep(f1), batch["taus"].flatten().float()).float()
+        out = vae.fusion(x, per_frame(f0, Fr), per_frame(f1, Fr), batch["taus"].flatten().float()).float()
         t = y.flatten(0, 1)
-        per = ((out - t).abs().mean((1, 2, 3)) + self.cfg.vae_edge_weight * (
-            (out.diff(dim=-1) - t.diff(dim=-1)).abs().mean((1, 2, 3)) + (out.diff(dim=-2) - t.diff(dim=-2)).abs().mean((1, 2, 3))))
+        l1, edge = _l1_edge(out, t)
         w = curriculum.loss_weights(batch["diff"], self.stage.alpha, self.stage.d_max)
-        loss = (w * per.view(B, Fr).mean(1)).mean()
+        loss = (w * (l1 + self.cfg.vae_edge_weight * edge).view(B, Fr).mean(1)).mean()
         plain = (x.float() - t).abs().mean()
-        return loss, {"l1": (out - t).abs().mean().detach(), "l1_decoded": plain.detach(), "d_mean": batch["diff"].mean().detach()}
+        return loss, {"l1": l1.mean().detach(), "l1_decoded": plain.detach(), "d_mean": batch["diff"].mean().detach()}
 
     def sample_sigma(self, B: int, gen: torch.Generator) -> torch.Tensor:
         c = self.cfg
