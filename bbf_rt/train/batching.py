@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,7 @@ class TextBank:
         from safetensors.torch import save_file
 
         caps = sorted(self.table)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file({f"c{i}": self.table[c].contiguous() for i, c in enumerate(caps)}, str(path), metadata={"captions": json.dumps(caps)})
 
     @classmethod
