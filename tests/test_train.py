@@ -37,6 +37,17 @@ def _bank() -> TextBank:
     return TextBank({c: torch.randn(4, 384, generator=g) for c in all_captions()})
 
 
+def test_text_bank_round_trips_into_a_new_folder(tmp_path):
+    """--make-text-bank on a fresh checkout writes under a folder that does not exist yet."""
+    bank = _bank()
+    path = tmp_path / "new" / "bank.safetensors"
+    bank.save(path)
+    back = TextBank.load(path)
+    assert sorted(back.table) == sorted(bank.table)
+    for c, v in bank.table.items():
+        assert torch.equal(back.table[c], v), c
+
+
 # ---- generic data ---------------------------------------------------------------------------------
 def test_generic_is_deterministic_and_exact_at_any_time():
     src = GenericMotion(H, W, n_targets=3, context_per_side=1)
