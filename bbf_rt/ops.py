@@ -179,21 +179,25 @@ def group_norm_silu(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Te
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int | tuple[int, int] = 1,
-           padding: int | tuple[int, int] = 0, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """F.conv2d(x, weight, bias, stride, padding), plus `residual` if given (the VAE's convolutions).
+           padding: int | tuple[int, int] = 0, residual: torch.Tensor | None = None,
+           dilation: int | tuple[int, int] = 1) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, stride, padding, dilation), plus `residual` if given (the VAE's and the
+    fusion head's convolutions).
 
     On CUDA the convolution runs without its bias and one Triton pass adds bias and residual: torch adds
     a cuDNN convolution's bias in a pass of its own (on channels-last activations its non-vectorised
     broadcast path) and the residual in another; 3x3 convolutions with few input or output channels (the
     RGB ends) run kernels/thin_conv instead of cuDNN. Elsewhere exactly `residual + F.conv2d(...)`."""
-    if residual is None:
+    dil = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation, dilation)
+    if residual is None and dil == (1, 1):
         thin = _triton_module("thin_conv", x)
         if thin is not None and thin.applies(x, weight, stride, padding):
             return thin.thin_conv3x3(x, weight, bias)
     mod = _triton_module("conv_epilogue", x)
     if mod is not None:
-        return mod.conv_epilogue(torch.nn.functional.conv2d(x, weight, None, stride, padding), bias, residual)
-    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding)
+        y = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation)
+        return mod.conv_epilogue(y, bias, residual)
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
     return y if residual is None else residual + y
 
 

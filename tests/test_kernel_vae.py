@@ -79,20 +79,22 @@ def test_rejects_bad_shapes():
         ce_tt.upsample_nearest2x(y[0])
 
 
-@pytest.mark.parametrize("stride,padding", [(1, 1), (2, 1), (1, 0)])
-def test_ops_conv2d_equals_the_module_plus_residual(stride, padding):
-    """ops.conv2d through the kernel vs nn.Conv2d then `residual + h`, the VAE's code before the kernel."""
-    conv = torch.nn.Conv2d(8, 16, 3 if padding else 1, stride=stride, padding=padding).to(DEV, torch.bfloat16)
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 1, 1), (2, 1, 1), (1, 0, 1), (1, 2, 2), (1, 4, 4)])
+def test_ops_conv2d_equals_the_module_plus_residual(stride, padding, dilation):
+    """ops.conv2d through the kernel vs nn.Conv2d then `residual + h`, the VAE's code before the kernel
+    (dilated: the fusion head's coarse blocks)."""
+    conv = torch.nn.Conv2d(8, 16, 3 if padding else 1, stride=stride, padding=padding, dilation=dilation)
+    conv = conv.to(DEV, torch.bfloat16)
     x = _t((2, 8, 9, 10), "nhwc", torch.bfloat16, 4)
     conv = conv.to(memory_format=torch.channels_last)
     with torch.no_grad():
         ref = conv(x)
         res = _t(tuple(ref.shape), "nhwc", torch.bfloat16, 5)
-        oracle = res.float() + F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride, padding)
+        oracle = res.float() + F.conv2d(x.float(), conv.weight.float(), conv.bias.float(), stride, padding, dilation)
         with ops.implementation("triton"):
-            out = ops.conv2d(x, conv.weight, conv.bias, stride, padding, residual=res)
+            out = ops.conv2d(x, conv.weight, conv.bias, stride, padding, residual=res, dilation=dilation)
         with ops.implementation("reference"):
-            low = ops.conv2d(x, conv.weight, conv.bias, stride, padding, residual=res)
+            low = ops.conv2d(x, conv.weight, conv.bias, stride, padding, residual=res, dilation=dilation)
     torch.testing.assert_close(low, res + ref, atol=0, rtol=0)  # the reference is the old code, exactly
     assert out.is_contiguous(memory_format=torch.channels_last)
     within_2x(out, low, oracle, "ops.conv2d")

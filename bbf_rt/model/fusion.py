@@ -21,11 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bbf_rt import ops
 from bbf_rt.errors import BBFInputError
 
 __all__ = ["BoundaryFusion"]
 
 _X_BIAS = 4.0  # initial logit of the decoded frame against 0 for each warp
+
+
+def _conv(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None) -> Tensor:
+    """conv(x) (+ residual) through bbf_rt.ops.conv2d: on CUDA the bias (and residual) in one Triton pass."""
+    return ops.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, residual, conv.dilation)
 
 
 class _DilatedBlock(nn.Module):
@@ -37,7 +43,7 @@ class _DilatedBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
 
     def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.1))
+        return _conv(self.conv2, F.leaky_relu(_conv(self.conv1, x), 0.1), residual=x)
 
 
 def warp(frame: Tensor, flow: Tensor) -> Tensor:
@@ -94,20 +100,20 @@ class BoundaryFusion(nn.Module):
     def flows(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
         """(N, 4, H, W) full-resolution flows from x to frame0 (channels 0-1) and to frame1 (2-3), in pixels."""
         n, _, h, w = x.shape
-        small = F.avg_pool2d(torch.cat((x, frame0, frame1), 1), 4)
-        t = tau.to(small.dtype).view(n, 1, 1, 1).expand(n, 1, h // 4, w // 4)
-        c = F.leaky_relu(self.coarse_in(torch.cat((small, t), 1)), 0.1)
+        small = [F.avg_pool2d(t, 4) for t in (x, frame0, frame1)]  # pooled one by one: no full-size concat
+        small.append(tau.to(x.dtype).view(n, 1, 1, 1).expand(n, 1, h // 4, w // 4))
+        c = F.leaky_relu(_conv(self.coarse_in, torch.cat(small, 1)), 0.1)
         for block in self.coarse:
             c = block(c)
         # 1/4-resolution pixels -> full-resolution pixels: values x4, bilinear upsampling
-        return F.interpolate(self.coarse_out(c) * 4.0, scale_factor=4, mode="bilinear", align_corners=False)
+        return F.interpolate(_conv(self.coarse_out, c) * 4.0, scale_factor=4, mode="bilinear", align_corners=False)
 
     def forward(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
         self.check(x, frame0, frame1, tau)
         fl = self.flows(x, frame0, frame1, tau)
         w0, w1 = warp(frame0, fl[:, :2]), warp(frame1, fl[:, 2:])
-        f = F.leaky_relu(self.fine_in(torch.cat((x, w0, w1, frame0, frame1), 1)), 0.1)
-        f = F.leaky_relu(self.fine_mid(f), 0.1)
-        o = self.fine_out(f)
+        f = F.leaky_relu(_conv(self.fine_in, torch.cat((x, w0, w1, frame0, frame1), 1)), 0.1)
+        f = F.leaky_relu(_conv(self.fine_mid, f), 0.1)
+        o = _conv(self.fine_out, f)
         a = torch.softmax(o[:, :3].float(), 1).to(x.dtype)
         return a[:, :1] * w0 + a[:, 1:2] * w1 + a[:, 2:3] * x + o[:, 3:]

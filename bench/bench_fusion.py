@@ -1,0 +1,142 @@
+"""What the boundary-fusion head costs per 720p frame, in each form, and where its time goes.
+
+    python bench/bench_fusion.py --out bench/results/fusion-h100.jsonl [--model CKPT] [--batches 1,4]
+
+The head of the shipped checkpoint in bf16, channels-last (as the Engine runs it), replayed from a CUDA
+graph (as the Engine's graphed decoder does), per variant:
+- `torch-convs`: every convolution as its nn.Conv2d (cuDNN, torch's separate bias pass) and the pooled
+  input taken from one full-size concat: the head's forward before it went through bbf_rt.ops.conv2d;
+- `ops`: the head as it ships (bbf_rt.ops.conv2d: bias and residual in one Triton pass after cuDNN);
+- `ops-pad16`: as `ops`, its 15-channel full-resolution input padded to 16 channels (zero weights);
+- `compile`: torch.compile of the shipped forward inside the graph.
+Each row: median ms per call, ms per frame, and the largest difference from the fp32 eager head on the same
+inputs. Then a torch.profiler table (device time per kernel) of `ops` at the largest batch.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _torch_convs(head, x, frame0, frame1, tau):
+    """The head's forward with plain nn.Conv2d calls (the form before ops.conv2d), same weights."""
+    from bbf_rt.model.fusion import warp
+
+    n, _, h, w = x.shape
+    small = F.avg_pool2d(torch.cat((x, frame0, frame1), 1), 4)
+    t = tau.to(small.dtype).view(n, 1, 1, 1).expand(n, 1, h // 4, w // 4)
+    c = F.leaky_relu(head.coarse_in(torch.cat((small, t), 1)), 0.1)
+    for b in head.coarse:
+        c = c + b.conv2(F.leaky_relu(b.conv1(c), 0.1))
+    fl = F.interpolate(head.coarse_out(c) * 4.0, scale_factor=4, mode="bilinear", align_corners=False)
+    w0, w1 = warp(frame0, fl[:, :2]), warp(frame1, fl[:, 2:])
+    f = F.leaky_relu(head.fine_in(torch.cat((x, w0, w1, frame0, frame1), 1)), 0.1)
+    f = F.leaky_relu(head.fine_mid(f), 0.1)
+    o = head.fine_out(f)
+    a = torch.softmax(o[:, :3].float(), 1).to(x.dtype)
+    return a[:, :1] * w0 + a[:, 1:2] * w1 + a[:, 2:3] * x + o[:, 3:]
+
+
+def _pad16(head):
+    """The shipped forward with fine_in taking 16 channels: a zero weight column and a repeated input plane."""
+    import copy
+
+    from bbf_rt import ops
+    from bbf_rt.model import fusion as fmod
+
+    h = copy.deepcopy(head)
+    wt = h.fine_in.weight
+    w16 = torch.cat((wt, torch.zeros_like(wt[:, :1])), 1).contiguous(memory_format=torch.channels_last)
+
+    def fwd(x, frame0, frame1, tau):
+        fl = h.flows(x, frame0, frame1, tau)
+        w0, w1 = fmod.warp(frame0, fl[:, :2]), fmod.warp(frame1, fl[:, 2:])
+        inp = torch.cat((x, w0, w1, frame0, frame1, x[:, :1]), 1)
+        f = F.leaky_relu(ops.conv2d(inp, w16, h.fine_in.bias, 1, 1), 0.1)
+        f = F.leaky_relu(fmod._conv(h.fine_mid, f), 0.1)
+        o = fmod._conv(h.fine_out, f)
+        a = torch.softmax(o[:, :3].float(), 1).to(x.dtype)
+        return a[:, :1] * w0 + a[:, 1:2] * w1 + a[:, 2:3] * x + o[:, 3:]
+    return fwd
+
+
+def _graphed(fn, args):
+    """fn(*args) captured in a CUDA graph after 3 warm-up calls on a side stream; returns replay()."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(*args)
+    return g, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bbf_rt.bench.bench_e2e import _versions
+    from bbf_rt.bench.e2e_common import Rows, stats, times_ms
+    from bbf_rt.model import load_model
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=str(REPO / "bbf_rt" / "weights" / "bbf-s.safetensors"))
+    p.add_argument("--size", default="1280x720")
+    p.add_argument("--batches", default="1,4")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--variants", default="torch-convs,ops,ops-pad16,compile")
+    p.add_argument("--git-sha", default=None)
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_fusion: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    dev = torch.device("cuda")
+    W, H = (int(v) for v in a.size.split("x"))
+    model = load_model(a.model)
+    ref = model.vae.fusion.float().to(dev).eval()
+    import copy
+    head = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
+    rows = Rows(a.out, {"name": "bench_fusion", "device": torch.cuda.get_device_name(), "size": [W, H],
+                        **_versions(dev, a.git_sha)}, budget_s=1e9)
+    forms = {"torch-convs": lambda *t: _torch_convs(head, *t), "ops": head, "ops-pad16": _pad16(head),
+             "compile": torch.compile(head, dynamic=False)}
+    cl = torch.channels_last
+    for batch in (int(v) for v in a.batches.split(",")):
+        g = torch.Generator(device=dev).manual_seed(batch)
+        f0, f1 = (torch.rand(batch, 3, H, W, device=dev, generator=g) * 2 - 1 for _ in range(2))
+        x = (0.5 * (f0 + f1) + 0.05 * torch.randn(batch, 3, H, W, device=dev, generator=g)).clamp(-1, 1)
+        tau = torch.full((batch,), 0.5, device=dev)
+        with torch.no_grad():
+            oracle = ref(x, f0, f1, tau)
+        args = tuple(t.to(torch.bfloat16).contiguous(memory_format=cl) for t in (x, f0, f1)) + (tau,)
+        for name in a.variants.split(","):
+            def one(name=name):
+                with torch.no_grad():
+                    graph, out = _graphed(forms[name], args)
+                    ts = times_ms(graph.replay, dev, a.warmup, a.reps)
+                err = float((out.float() - oracle).abs().max())
+                return {"variant": name, "batch": batch, **stats(ts), "ms_per_frame": stats(ts)["p50_ms"] / batch,
+                        "max_abs_err_vs_fp32": err, "timed": "CUDA graph replay of the head"}
+            rows.guard({"variant": name, "batch": batch}, one, None)
+    from torch.profiler import ProfilerActivity, profile
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            head(*args)
+        torch.cuda.synchronize()
+    table = sorted(((e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()
+                    if e.device_time_total > 0), key=lambda r: -r[1])
+    rows.write({"variant": "ops", "batch": batch, "profile_us_per_call": [[k[:90], round(t, 1), c] for k, t, c in table[:16]],
+                "profile_total_us": round(sum(t for _, t, _ in table), 1), "timed": "torch.profiler, eager, 5 calls"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
