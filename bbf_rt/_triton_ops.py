@@ -23,5 +23,5 @@ def get(name: str) -> ModuleType | None:
 # Import every kernel now, on this module's first import (outside any compiled region): torch.compile
 # cannot trace importlib, so a first lookup from inside torch.compile(fullgraph=True) would break the graph.
 for _name in ("attention", "rope", "norm_modulate", "gated_residual", "group_norm", "conv_epilogue", "thin_conv",
-              "pixels", "fp8_linear", "int8_attention"):
+              "pixels", "fp8_linear", "int8_attention", "fusion"):
     get(_name)

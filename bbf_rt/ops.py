@@ -16,6 +16,7 @@ from bbf_rt.config import ATTENTION_MODES
 from bbf_rt.errors import BBFInputError
 from bbf_rt.kernels.attention import reference as _attn_ref
 from bbf_rt.kernels.conv_epilogue import reference as _ce_ref
+from bbf_rt.kernels.fusion import reference as _fu_ref
 from bbf_rt.kernels.fp8_linear import reference as _fp8_ref
 from bbf_rt.kernels.gated_residual import reference as _gr_ref
 from bbf_rt.kernels.group_norm import reference as _gn_ref
@@ -199,6 +200,25 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, str
         return mod.conv_epilogue(y, bias, residual)
     y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
     return y if residual is None else residual + y
+
+
+def fusion_pack(flow_q: torch.Tensor, x: torch.Tensor, frame0: torch.Tensor, frame1: torch.Tensor) -> torch.Tensor:
+    """The fusion head's full-resolution input (N, 16, H, W): x, frame0 and frame1 warped by the x4-upsampled
+    1/4-resolution flows flow_q (N, 4, H/4, W/4), both frames, a zero plane (kernels/fusion). On CUDA one
+    Triton pass, channels-last, flows and sampling in fp32."""
+    mod = _triton_module("fusion", x)
+    if mod is not None:
+        return mod.pack(flow_q, x, frame0, frame1)
+    return _fu_ref.pack(flow_q, x, frame0, frame1)
+
+
+def fusion_mix(logits: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """softmax(logits[:, :3]) weights on (warp0, warp1, x) of `packed` (from fusion_pack) plus the RGB
+    residual logits[:, 3:6] -> (N, 3, H, W); on CUDA one Triton pass in fp32."""
+    mod = _triton_module("fusion", packed)
+    if mod is not None:
+        return mod.mix(logits, packed)
+    return _fu_ref.mix(logits, packed)
 
 
 def upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,9 @@ The head of the shipped checkpoint in bf16, channels-last (as the Engine runs it
 graph (as the Engine's graphed decoder does), per variant:
 - `torch-convs`: every convolution as its nn.Conv2d (cuDNN, torch's separate bias pass) and the pooled
   input taken from one full-size concat: the head's forward before it went through bbf_rt.ops.conv2d;
-- `ops`: the head as it ships (bbf_rt.ops.conv2d: bias and residual in one Triton pass after cuDNN);
-- `ops-pad16`: as `ops`, its 15-channel full-resolution input padded to 16 channels (zero weights);
+- `torch-full-res`: convolutions through bbf_rt.ops.conv2d (bias and residual in one Triton pass after
+  cuDNN), the full-resolution flows, warps, packing and mix as their torch references;
+- `ops`: the head as it ships: as `torch-full-res` with kernels/fusion's two passes;
 - `compile`: torch.compile of the shipped forward inside the graph.
 Each row: median ms per call, ms per frame, and the largest difference from the fp32 eager head on the same
 inputs. Then a torch.profiler table (device time per kernel) of `ops` at the largest batch.
@@ -43,27 +44,17 @@ def _torch_convs(head, x, frame0, frame1, tau):
     return a[:, :1] * w0 + a[:, 1:2] * w1 + a[:, 2:3] * x + o[:, 3:]
 
 
-def _pad16(head):
-    """The shipped forward with fine_in taking 16 channels: a zero weight column and a repeated input plane."""
-    import copy
-
+def _torch_full_res(head, x, frame0, frame1, tau):
+    """The shipped forward with its two full-resolution passes as the torch references (kernels/fusion)."""
     from bbf_rt import ops
+    from bbf_rt.kernels.fusion import reference as fref
     from bbf_rt.model import fusion as fmod
 
-    h = copy.deepcopy(head)
-    wt = h.fine_in.weight
-    w16 = torch.cat((wt, torch.zeros_like(wt[:, :1])), 1).contiguous(memory_format=torch.channels_last)
-
-    def fwd(x, frame0, frame1, tau):
-        fl = h.flows(x, frame0, frame1, tau)
-        w0, w1 = fmod.warp(frame0, fl[:, :2]), fmod.warp(frame1, fl[:, 2:])
-        inp = torch.cat((x, w0, w1, frame0, frame1, x[:, :1]), 1)
-        f = F.leaky_relu(ops.conv2d(inp, w16, h.fine_in.bias, 1, 1), 0.1)
-        f = F.leaky_relu(fmod._conv(h.fine_mid, f), 0.1)
-        o = fmod._conv(h.fine_out, f)
-        a = torch.softmax(o[:, :3].float(), 1).to(x.dtype)
-        return a[:, :1] * w0 + a[:, 1:2] * w1 + a[:, 2:3] * x + o[:, 3:]
-    return fwd
+    packed = fref.pack(head.coarse_flows(x, frame0, frame1, tau), x, frame0, frame1)
+    w16 = F.pad(head.fine_in.weight, (0, 0, 0, 0, 0, 1))
+    f = F.leaky_relu(ops.conv2d(packed, w16, head.fine_in.bias, 1, 1), 0.1)
+    f = F.leaky_relu(fmod._conv(head.fine_mid, f), 0.1)
+    return fref.mix(fmod._conv(head.fine_out, f), packed)
 
 
 def _graphed(fn, args):
@@ -81,6 +72,7 @@ def _graphed(fn, args):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bbf_rt import ops
     from bbf_rt.bench.bench_e2e import _versions
     from bbf_rt.bench.e2e_common import Rows, stats, times_ms
     from bbf_rt.model import load_model
@@ -92,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", default="1,4")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=30)
-    p.add_argument("--variants", default="torch-convs,ops,ops-pad16,compile")
+    p.add_argument("--variants", default="torch-convs,torch-full-res,ops,compile")
     p.add_argument("--git-sha", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -106,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     head = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
     rows = Rows(a.out, {"name": "bench_fusion", "device": torch.cuda.get_device_name(), "size": [W, H],
                         **_versions(dev, a.git_sha)}, budget_s=1e9)
-    forms = {"torch-convs": lambda *t: _torch_convs(head, *t), "ops": head, "ops-pad16": _pad16(head),
+    forms = {"torch-convs": lambda *t: _torch_convs(head, *t), "torch-full-res": lambda *t: _torch_full_res(head, *t),
+             "ops": head,
              "compile": torch.compile(head, dynamic=False)}
     cl = torch.channels_last
     for batch in (int(v) for v in a.batches.split(",")):
@@ -114,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         f0, f1 = (torch.rand(batch, 3, H, W, device=dev, generator=g) * 2 - 1 for _ in range(2))
         x = (0.5 * (f0 + f1) + 0.05 * torch.randn(batch, 3, H, W, device=dev, generator=g)).clamp(-1, 1)
         tau = torch.full((batch,), 0.5, device=dev)
-        with torch.no_grad():
+        with torch.no_grad(), ops.implementation("reference"):
             oracle = ref(x, f0, f1, tau)
         args = tuple(t.to(torch.bfloat16).contiguous(memory_format=cl) for t in (x, f0, f1)) + (tau,)
         for name in a.variants.split(","):

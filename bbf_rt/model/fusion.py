@@ -23,8 +23,9 @@ from torch import Tensor, nn
 
 from bbf_rt import ops
 from bbf_rt.errors import BBFInputError
+from bbf_rt.kernels.fusion.reference import full_flows, warp
 
-__all__ = ["BoundaryFusion"]
+__all__ = ["BoundaryFusion", "warp"]
 
 _X_BIAS = 4.0  # initial logit of the decoded frame against 0 for each warp
 
@@ -44,24 +45,6 @@ class _DilatedBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return _conv(self.conv2, F.leaky_relu(_conv(self.conv1, x), 0.1), residual=x)
-
-
-def warp(frame: Tensor, flow: Tensor) -> Tensor:
-    """Backward warp: out[p] = frame[p + flow[p]], flow (N, 2, H, W) in pixels (x, y); borders repeat;
-    H, W >= 2.
-
-    Sampled in fp32 whatever the inputs' dtype: bf16 sampling coordinates would be off by several
-    pixels at 720p (8 mantissa bits over [-1, 1]). Returns frame's dtype. Written with symbolic sizes
-    in mind (no Python-side float of H or W), so torch.export keeps H and W dynamic."""
-    n, _, h, w = frame.shape
-    fl = flow.float()
-    xs = torch.arange(w, device=frame.device, dtype=torch.float32).view(1, 1, w)
-    ys = torch.arange(h, device=frame.device, dtype=torch.float32).view(1, h, 1)
-    gx = (xs + fl[:, 0]) * (2.0 / (w - 1)) - 1.0  # align_corners=True: pixel 0 -> -1, pixel w-1 -> +1
-    gy = (ys + fl[:, 1]) * (2.0 / (h - 1)) - 1.0
-    out = F.grid_sample(frame.float(), torch.stack((gx, gy), -1), mode="bilinear", padding_mode="border",
-                        align_corners=True)
-    return out.to(frame.dtype)
 
 
 class BoundaryFusion(nn.Module):
@@ -97,23 +80,28 @@ class BoundaryFusion(nn.Module):
         if x.shape[-1] % 4 or x.shape[-2] % 4:
             raise BBFInputError(f"fusion: frame size {tuple(x.shape[-2:])} must be a multiple of 4")
 
-    def flows(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
-        """(N, 4, H, W) full-resolution flows from x to frame0 (channels 0-1) and to frame1 (2-3), in pixels."""
+    def coarse_flows(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
+        """(N, 4, H/4, W/4) flows from x to frame0 (channels 0-1) and to frame1 (2-3), in 1/4-resolution pixels."""
         n, _, h, w = x.shape
         small = [F.avg_pool2d(t, 4) for t in (x, frame0, frame1)]  # pooled one by one: no full-size concat
         small.append(tau.to(x.dtype).view(n, 1, 1, 1).expand(n, 1, h // 4, w // 4))
         c = F.leaky_relu(_conv(self.coarse_in, torch.cat(small, 1)), 0.1)
         for block in self.coarse:
             c = block(c)
-        # 1/4-resolution pixels -> full-resolution pixels: values x4, bilinear upsampling
-        return F.interpolate(_conv(self.coarse_out, c) * 4.0, scale_factor=4, mode="bilinear", align_corners=False)
+        return _conv(self.coarse_out, c)
+
+    def flows(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
+        """(N, 4, H, W) full-resolution flows (x4 in value, bilinear x4 upsampling), in pixels."""
+        return full_flows(self.coarse_flows(x, frame0, frame1, tau))
 
     def forward(self, x: Tensor, frame0: Tensor, frame1: Tensor, tau: Tensor) -> Tensor:
         self.check(x, frame0, frame1, tau)
-        fl = self.flows(x, frame0, frame1, tau)
-        w0, w1 = warp(frame0, fl[:, :2]), warp(frame1, fl[:, 2:])
-        f = F.leaky_relu(_conv(self.fine_in, torch.cat((x, w0, w1, frame0, frame1), 1)), 0.1)
+        # (x, warp0, warp1, frame0, frame1, 0): on CUDA one Triton pass (kernels/fusion) from the coarse flows
+        packed = ops.fusion_pack(self.coarse_flows(x, frame0, frame1, tau), x, frame0, frame1)
+        w16 = F.pad(self.fine_in.weight, (0, 0, 0, 0, 0, 1))  # a zero weight for the zero plane
+        if packed.is_contiguous(memory_format=torch.channels_last):
+            w16 = w16.contiguous(memory_format=torch.channels_last)
+        f = F.leaky_relu(ops.conv2d(packed, w16, self.fine_in.bias, 1, 1), 0.1)
         f = F.leaky_relu(_conv(self.fine_mid, f), 0.1)
-        o = _conv(self.fine_out, f)
-        a = torch.softmax(o[:, :3].float(), 1).to(x.dtype)
-        return a[:, :1] * w0 + a[:, 1:2] * w1 + a[:, 2:3] * x + o[:, 3:]
+        # softmax over (warp0, warp1, x) logits, the weighted sum and the RGB residual (one pass on CUDA)
+        return ops.fusion_mix(_conv(self.fine_out, f), packed)
