@@ -19,7 +19,12 @@ def full_flows(flow_q: torch.Tensor) -> torch.Tensor:
 
 
 def warp(frame: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """Backward warp out[p] = frame[p + flow[p]] (bilinear, borders repeat), sampled in fp32."""
+    """Backward warp: out[p] = frame[p + flow[p]], flow (N, 2, H, W) in pixels (x, y); bilinear, borders
+    repeat; H, W >= 2.
+
+    Sampled in fp32 whatever the inputs' dtype: bf16 sampling coordinates would be off by several
+    pixels at 720p (8 mantissa bits over [-1, 1]). Returns frame's dtype. Written with symbolic sizes
+    in mind (no Python-side float of H or W), so torch.export keeps H and W dynamic."""
     n, _, h, w = frame.shape
     fl = flow.float()
     xs = torch.arange(w, device=frame.device, dtype=torch.float32).view(1, 1, w)

@@ -26,6 +26,15 @@ PACKED = 16
 
 
 @triton.jit
+def _pixels(H, W, BX: tl.constexpr):
+    """This program's pixels: grid (cdiv(W, BX), N * H) -> (row = n * H + y, n (int64), y, the BX columns,
+    their in-frame mask, channel lanes 0..3)."""
+    row = tl.program_id(1)
+    xs = tl.program_id(0) * BX + tl.arange(0, BX)
+    return row, (row // H).to(tl.int64), row % H, xs, xs < W, tl.arange(0, 4)
+
+
+@triton.jit
 def _sample3(F, n, y0, y1, x0, x1, wy, wx, sn, sc, sh, sw, c, m):
     """Bilinear sample of channels c (BX, 4) at the corners (y0|y1, x0|x1) with weights wy, wx (BX,)."""
     base = F + n * sn + c[None, :] * sc
@@ -48,12 +57,7 @@ def _warp_coords(pos, flow, size):
 @triton.jit
 def _pack(FQ, X, F0, F1, OUT, H, W, HQ, WQ, sqn, sqc, sqh, sqw, sxn, sxc, sxh, sxw,
           s0n, s0c, s0h, s0w, s1n, s1c, s1h, s1w, BX: tl.constexpr, RNE: tl.constexpr):
-    row = tl.program_id(1)  # n * H + y
-    n = (row // H).to(tl.int64)
-    y = row % H
-    xs = tl.program_id(0) * BX + tl.arange(0, BX)
-    pm = xs < W
-    c4 = tl.arange(0, 4)
+    row, n, y, xs, pm, c4 = _pixels(H, W, BX)
     m4 = pm[:, None] & (c4 < 4)[None, :]
     m3 = pm[:, None] & (c4 < 3)[None, :]
     # flows: bilinear x4 upsampling (align_corners=False: src = (dst + 0.5) / 4 - 0.5, floored at 0)
@@ -95,12 +99,7 @@ def _pack(FQ, X, F0, F1, OUT, H, W, HQ, WQ, sqn, sqc, sqh, sqw, sxn, sxc, sxh, s
 
 @triton.jit
 def _mix(LG, P, OUT, H, W, sln, slc, slh, slw, son, soc, soh, sow, BX: tl.constexpr, RNE: tl.constexpr):
-    row = tl.program_id(1)
-    n = (row // H).to(tl.int64)
-    y = row % H
-    xs = tl.program_id(0) * BX + tl.arange(0, BX)
-    pm = xs < W
-    c4 = tl.arange(0, 4)
+    row, n, y, xs, pm, c4 = _pixels(H, W, BX)
     m3 = pm[:, None] & (c4 < 3)[None, :]
     lg = LG + n * sln + y * slh + xs[:, None] * slw
     logit = tl.load(lg + c4[None, :] * slc, mask=m3, other=0.0).to(tl.float32)
