@@ -12,10 +12,12 @@ graph (as the Engine's graphed decoder does), per variant:
 - `compile`: torch.compile of the shipped forward inside the graph.
 Each row: median ms per call, ms per frame, and the largest difference from the fp32 eager head on the same
 inputs. Then a torch.profiler table (device time per kernel) of `ops` at the largest batch.
+`--device cpu` is a dry run of every row but `compile` (no graphs; timings meaningless).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -86,21 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--variants", default="torch-convs,torch-full-res,ops,compile")
     p.add_argument("--git-sha", default=None)
+    p.add_argument("--device", default="cuda", help="cpu: a dry run (no graphs, no compile; timings meaningless)")
     a = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_fusion: needs a CUDA GPU", file=sys.stderr)
+    dev = torch.device(a.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("bench_fusion: needs a CUDA GPU (or --device cpu for a dry run)", file=sys.stderr)
         return 2
-    dev = torch.device("cuda")
     W, H = (int(v) for v in a.size.split("x"))
     model = load_model(a.model)
     ref = model.vae.fusion.float().to(dev).eval()
-    import copy
     head = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
-    rows = Rows(a.out, {"name": "bench_fusion", "device": torch.cuda.get_device_name(), "size": [W, H],
-                        **_versions(dev, a.git_sha)}, budget_s=1e9)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (dry run)"
+    rows = Rows(a.out, {"name": "bench_fusion", "device": gpu, "size": [W, H], **_versions(dev, a.git_sha)},
+                budget_s=1e9)
     forms = {"torch-convs": lambda *t: _torch_convs(head, *t), "torch-full-res": lambda *t: _torch_full_res(head, *t),
-             "ops": head,
-             "compile": torch.compile(head, dynamic=False)}
+             "ops": head}
+    if dev.type == "cuda":
+        forms["compile"] = torch.compile(head, dynamic=False)
+    names = [v for v in a.variants.split(",") if v in forms]
+    unknown = sorted(set(a.variants.split(",")) - set(forms) - {"compile"})
+    if unknown:
+        print(f"bench_fusion: unknown variants {unknown}; allowed are {sorted(forms)}", file=sys.stderr)
+        return 2
     cl = torch.channels_last
     for batch in (int(v) for v in a.batches.split(",")):
         g = torch.Generator(device=dev).manual_seed(batch)
@@ -110,22 +119,29 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad(), ops.implementation("reference"):
             oracle = ref(x, f0, f1, tau)
         args = tuple(t.to(torch.bfloat16).contiguous(memory_format=cl) for t in (x, f0, f1)) + (tau,)
-        for name in a.variants.split(","):
+        for name in names:
             def one(name=name):
                 with torch.no_grad():
-                    graph, out = _graphed(forms[name], args)
-                    ts = times_ms(graph.replay, dev, a.warmup, a.reps)
+                    if dev.type == "cuda":
+                        graph, out = _graphed(forms[name], args)
+                        ts = times_ms(graph.replay, dev, a.warmup, a.reps)
+                    else:
+                        out = forms[name](*args)
+                        ts = times_ms(lambda: forms[name](*args), dev, a.warmup, a.reps)
                 err = float((out.float() - oracle).abs().max())
                 return {"variant": name, "batch": batch, **stats(ts), "ms_per_frame": stats(ts)["p50_ms"] / batch,
-                        "max_abs_err_vs_fp32": err, "timed": "CUDA graph replay of the head"}
+                        "max_abs_err_vs_fp32": err,
+                        "timed": "CUDA graph replay of the head" if dev.type == "cuda" else "eager (dry run)"}
             rows.guard({"variant": name, "batch": batch}, one, None)
     from torch.profiler import ProfilerActivity, profile
-    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+    cuda = dev.type == "cuda"
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(5):
             head(*args)
-        torch.cuda.synchronize()
-    table = sorted(((e.key, e.device_time_total / 5, e.count // 5) for e in prof.key_averages()
-                    if e.device_time_total > 0), key=lambda r: -r[1])
+        if cuda:
+            torch.cuda.synchronize()
+    us = (lambda e: e.device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    table = sorted(((e.key, us(e) / 5, e.count // 5) for e in prof.key_averages() if us(e) > 0), key=lambda r: -r[1])
     rows.write({"variant": "ops", "batch": batch, "profile_us_per_call": [[k[:90], round(t, 1), c] for k, t, c in table[:16]],
                 "profile_total_us": round(sum(t for _, t, _ in table), 1), "timed": "torch.profiler, eager, 5 calls"})
     return 0

@@ -241,3 +241,29 @@ def test_graphed_bf16_decode_with_the_head_equals_eager_on_the_gpu():
         bounds = (pix, pix.flip(0), [0.3, 0.6])
         a, b = graphed.decode(z, H, W, bounds), eager.decode(z, H, W, bounds)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2, seed
+
+
+def test_bench_fusion_dry_run_rows(tmp_path):
+    """bench/bench_fusion.py on the CPU: one row per form and batch, every form the same head (its error
+    against the fp32 head at bf16 level), plus the profile row."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "bench_fusion.py"
+    spec = importlib.util.spec_from_file_location("bench_fusion_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "f.jsonl"
+    assert mod.main(["--device", "cpu", "--size", "64x48", "--batches", "1,2", "--warmup", "0", "--reps", "2",
+                     "--out", str(out), "--git-sha", "test"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    timed = [r for r in rows if "p50_ms" in r]
+    assert sorted((r["variant"], r["batch"]) for r in timed) == sorted(
+        (v, b) for v in ("torch-convs", "torch-full-res", "ops") for b in (1, 2))
+    for r in timed:
+        assert r["git"] == "test" and r["size"] == [64, 48] and r["ms_per_frame"] > 0
+        assert r["max_abs_err_vs_fp32"] < 0.05, r  # bf16 rounding of frames in [-1, 1], not a different head
+    prof = [r for r in rows if "profile_us_per_call" in r]
+    assert len(prof) == 1 and prof[0]["profile_us_per_call"]
+    assert mod.main(["--device", "cpu", "--variants", "nope", "--out", str(out)]) == 2
