@@ -75,14 +75,14 @@ def _graphed(fn, args):
 
 def main(argv: list[str] | None = None) -> int:
     from bbf_rt import ops
-    from bbf_rt.bench.bench_e2e import _versions
+    from bbf_rt.bench.bench_e2e import _size, _versions
     from bbf_rt.bench.e2e_common import Rows, stats, times_ms
     from bbf_rt.model import load_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=str(REPO / "bbf_rt" / "weights" / "bbf-s.safetensors"))
-    p.add_argument("--size", default="1280x720")
+    p.add_argument("--size", type=_size, default=(1280, 720), help="WxH")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--reps", type=int, default=30)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     if dev.type == "cuda" and not torch.cuda.is_available():
         print("bench_fusion: needs a CUDA GPU (or --device cpu for a dry run)", file=sys.stderr)
         return 2
-    W, H = (int(v) for v in a.size.split("x"))
+    W, H = a.size
     model = load_model(a.model)
     ref = model.vae.fusion.float().to(dev).eval()
     head = copy.deepcopy(ref).to(torch.bfloat16).to(memory_format=torch.channels_last)
