@@ -19,12 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _torch_convs(head, x, frame0, frame1, tau):
@@ -78,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     from bbf_rt.bench.bench_e2e import _size, _versions
     from bbf_rt.bench.e2e_common import Rows, stats, times_ms
     from bbf_rt.model import load_model
+    from bbf_rt.runtime.api import DEFAULT_WEIGHTS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default=str(REPO / "bbf_rt" / "weights" / "bbf-s.safetensors"))
+    p.add_argument("--model", default=str(DEFAULT_WEIGHTS))
     p.add_argument("--size", type=_size, default=(1280, 720), help="WxH")
     p.add_argument("--batches", default="1,4")
     p.add_argument("--warmup", type=int, default=5)

@@ -267,3 +267,29 @@ def test_bench_fusion_dry_run_rows(tmp_path):
     prof = [r for r in rows if "profile_us_per_call" in r]
     assert len(prof) == 1 and prof[0]["profile_us_per_call"]
     assert mod.main(["--device", "cpu", "--variants", "nope", "--out", str(out)]) == 2
+
+
+def test_quality_budget_of_the_shipped_model_orders_its_sources(tmp_path):
+    """bench/quality_budget.py on the shipped checkpoint: true latents decode far above blending (the
+    decoder is not what limits it), its DiT beats the blend of the boundary latents, the head is put back."""
+    import json
+
+    from bbf_rt.bench.quality_budget import budget, main
+    from bbf_rt.model import load_model
+    from bbf_rt.runtime.api import DEFAULT_WEIGHTS
+
+    m = load_model(DEFAULT_WEIGHTS)
+    head = m.vae.fusion
+    rows = {(r["source"], r["decoder"]): r for r in budget(m, (1,), batches=1)}
+    assert m.vae.fusion is head
+    assert set(rows) == {(s, d) for s in ("truth-latents", "latent-blend", "dit") for d in ("plain", "fusion")}
+    assert all(r["samples"] >= 6 and math.isfinite(r["psnr"]) for r in rows.values())
+    assert rows["truth-latents", "plain"]["psnr"] > rows["truth-latents", "plain"]["psnr_linear"] + 6
+    assert rows["dit", "plain"]["psnr"] > rows["latent-blend", "plain"]["psnr"]
+    assert rows["dit", "fusion"]["psnr"] > rows["dit", "plain"]["psnr"]
+    out = tmp_path / "rows.jsonl"
+    assert main(["--out", str(out), "--steps", "0"]) == 2 and not out.exists()
+    assert main(["--out", str(out), "--model", str(tmp_path / "missing.safetensors")]) == 2 and not out.exists()
+    assert main(["--out", str(out), "--steps", "1", "--batches", "1", "--git-sha", "abc"]) == 0
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(got) == 6 and {r["git"] for r in got} == {"abc"} and got[0]["model_sha256"] == "c53a6341210cef46"
