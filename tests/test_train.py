@@ -291,3 +291,20 @@ def test_non_finite_loss_stops_training_without_saving(tmp_path, monkeypatch):
     with pytest.raises(BBFError, match="non-finite loss"):
         train("1", 1.0, tmp_path / "run", cfg=CFG, trainer=tr)
     assert not (tmp_path / "run" / "latest.json").exists()
+
+
+def test_cli_passes_sampler_focus_and_ema_flags_and_refuses_bad_ones(tmp_path, capsys):
+    """--sigma-one/--ema-decay/--fusion-steps reach the run's TrainConfig (stored in its state); bad values
+    stop before anything is written."""
+    from bbf_rt.train.loop import main
+
+    base = ["--stage", "1", "--preset", "tiny", "--height", "32", "--width", "32", "--batch", "2", "--device", "cpu"]
+    for bad in (["--sigma-one", "1.5"], ["--ema-decay", "1"], ["--fusion-steps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(base + ["--out", str(tmp_path / "bad")] + bad)
+        assert e.value.code == 2 and not (tmp_path / "bad").exists()
+    assert "--sigma-one" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "run"), "--max-steps", "1", "--sigma-one", "1", "--ema-decay", "0.99"]) == 0
+    state = json.loads((tmp_path / "run" / "latest.json").read_text())["dir"]
+    cfg = json.loads((tmp_path / "run" / state / "index.json").read_text())["meta"]["train_config"]
+    assert cfg["sigma_one"] == 1.0 and cfg["ema_decay"] == 0.99 and cfg["fusion_steps"] == 2
