@@ -28,8 +28,6 @@ from bbf_rt.model import load_model
 from bbf_rt.runtime.api import DEFAULT_WEIGHTS
 from bbf_rt.train import metrics
 
-SOURCES = ("truth-latents", "latent-blend", "dit")
-
 
 @contextlib.contextmanager
 def plain_decoder(model, plain: bool):
@@ -49,8 +47,9 @@ def _decode(model, z: torch.Tensor, b: dict) -> torch.Tensor:
     return ((out.float().clamp(-1, 1) + 1) / 2).to(b["targets"].device)
 
 
-def predictor(model, source: str, steps: int = 2):
-    """(batch, withheld) -> frames in [0, 1] for one source of in-between latents (see the module docstring)."""
+def predictor(model, source: str, steps: int | None = None):
+    """(batch, withheld) -> frames in [0, 1] for one source of in-between latents (see the module docstring);
+    `steps`: the DiT's Euler steps (source `dit` only)."""
     dev = next(model.parameters()).device
 
     def truth(b: dict, withhold) -> torch.Tensor:
@@ -78,7 +77,7 @@ def budget(model, steps=(1, 2), size: int = 128, batches: int = 4, device: str |
         for dec in decoders:
             t0 = time.perf_counter()
             with plain_decoder(model, dec == "plain"):
-                g = metrics.evaluate(predictor(model, source, n or 0), size, size, batches, suites=(), device=device)["generic"]
+                g = metrics.evaluate(predictor(model, source, n), size, size, batches, suites=(), device=device)["generic"]
             rows.append({"source": source, "steps": n, "decoder": dec, "psnr": g["psnr_model"], "ssim": g["ssim_model"],
                          "psnr_linear": g["psnr_linear"], "ssim_linear": g["ssim_linear"], "samples": g["samples"],
                          "size": [size, size], "seconds": round(time.perf_counter() - t0, 1)})

@@ -497,7 +497,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--make-text-bank", metavar="FILE", help="embed every suite caption with MiniLM (CPU) and exit")
     ap.add_argument("--to-checkpoint", nargs="+", metavar="DIR", help="WEIGHTS_DIR... FILE: merge exports into one checkpoint")
     ap.add_argument("--max-steps", type=int)
-    for f in ("preset", "height", "width", "batch", "lr_scale", "seed", "device", "sigma_one", "ema_decay", "fusion_steps"):
+    flags = ("preset", "height", "width", "batch", "lr_scale", "seed", "device", "sigma_one", "ema_decay", "fusion_steps")
+    for f in flags:  # TrainConfig fields, typed and defaulted by the dataclass
         ap.add_argument(f"--{f.replace('_', '-')}", type=type(getattr(TrainConfig, f)), default=getattr(TrainConfig, f))
     ap.add_argument("--backbone-lr-mult", type=float, help="stage 3: backbone learning rate / branch learning rate (default 0: frozen)")
     a = ap.parse_args(argv)
@@ -517,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= a.sigma_one <= 1 or not 0 <= a.ema_decay < 1 or a.fusion_steps < 1:
         ap.error(f"--sigma-one {a.sigma_one} (allowed 0..1), --ema-decay {a.ema_decay} (0 to below 1), "
                  f"--fusion-steps {a.fusion_steps} (1 or more)")
-    fields = ("preset", "height", "width", "batch", "lr_scale", "seed", "device", "backbone_lr_mult", "sigma_one", "ema_decay",
-              "fusion_steps")
-    cfg = replace(TrainConfig(), **{f: getattr(a, f) for f in fields})
+    cfg = replace(TrainConfig(), **{f: getattr(a, f) for f in (*flags, "backbone_lr_mult")})
     text = TextBank.load(a.text_bank) if a.text_bank else None
     res = train(a.stage, a.minutes, a.out, a.resume, cfg, text, a.max_steps, a.export, progress=lambda s: print(s, flush=True),
                 export_part=a.export_part)
